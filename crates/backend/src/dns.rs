@@ -38,7 +38,7 @@ pub enum Dns {
     /// getaddrinfo for host names (so `/etc/hosts` works) and `/etc/resolv.conf` for SRV.
     System,
     /// Every query, host names included, goes to this one server over UDP (and TCP on truncation).
-    Server(SocketAddr, TokioResolver),
+    Server(SocketAddr, Box<TokioResolver>),
 }
 
 impl Dns {
@@ -61,7 +61,7 @@ impl Dns {
             .with_options(opts)
             .build();
         match resolver {
-            Ok(r) => Dns::Server(addr, r),
+            Ok(r) => Dns::Server(addr, Box::new(r)),
             // Building only fails on options we do not set (DNSSEC, TLS); fall back rather than abort.
             Err(_) => Dns::System,
         }

@@ -4,12 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod duration;
 pub mod endpoint;
 pub mod probe;
 pub mod srv;
 pub mod tls;
 
 pub use dns::{Dns, DnsError};
+pub use duration::GoDuration;
 pub use endpoint::{Endpoint, EndpointError, Scheme};
 
 /// An I/O error worded the way Go prints it (`connection refused`, `address already in use`),

@@ -135,43 +135,7 @@ impl Gateway {
     }
 }
 
-/// Go's `Duration.String()` for whole milliseconds and up, enough for log fields like
-/// `"interval":"1m0s"` (etcd 3.5 logs durations this way).
-pub fn format_duration(d: Duration) -> String {
-    let total_ms = d.as_millis();
-    if total_ms == 0 {
-        return "0s".into();
-    }
-    if total_ms < 1000 {
-        return format!("{total_ms}ms");
-    }
-    let (h, rem) = (total_ms / 3_600_000, total_ms % 3_600_000);
-    let (m, rem) = (rem / 60_000, rem % 60_000);
-    let secs = if rem % 1000 == 0 {
-        format!("{}s", rem / 1000)
-    } else {
-        let s = format!("{}.{:03}", rem / 1000, rem % 1000);
-        format!("{}s", s.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_print_like_go() {
-        assert_eq!(format_duration(Duration::from_secs(60)), "1m0s");
-        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
-        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(format_duration(Duration::from_secs(7200)), "2h0m0s");
-        assert_eq!(format_duration(Duration::ZERO), "0s");
-    }
+/// Go's `Duration.String()` (`1m0s`), the way etcd 3.5 logs durations such as `interval`.
+pub(crate) fn format_duration(d: Duration) -> String {
+    backend::GoDuration::from_std(d).to_string()
 }
