@@ -18,16 +18,21 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_etcd-proxy")
 }
 
+/// `etcd-proxy <args>` with stdout and stderr piped, stdin closed.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn etcd-proxy")
+}
+
 impl ProxyProcess {
     /// Starts `etcd-proxy <args>` and waits (up to 30 s) for a log line containing `ready_msg`.
     pub fn start(args: &[&str], ready_msg: &str) -> ProxyProcess {
-        let mut child = Command::new(binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcd-proxy");
+        let mut child = spawn(args);
         let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stderr.take().expect("stderr piped")) as Box<dyn std::io::Read + Send>,
@@ -137,13 +142,7 @@ impl Drop for ProxyProcess {
 
 /// Runs `etcd-proxy <args>` to completion (for flag errors); returns (code, stdout+stderr).
 pub fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(binary())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn(args);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if child.try_wait().expect("try_wait").is_some() {
