@@ -275,8 +275,18 @@ async fn a_stopped_member_that_still_accepts_tcp_is_found_by_the_probe_and_skipp
     let v = follower(&cluster).await;
     let victim = cluster.member(v).client_endpoint();
     cluster.pause(v); // SIGSTOP: the kernel still completes TCP handshakes for it
-    let line = gw.wait_for_log("health check failed", Duration::from_secs(15));
-    assert!(line.contains(&victim), "{line}");
+    let needle =
+        format!("\"address\":\"{victim}\",\"interval\":\"1s\",\"error\":\"health check failed");
+    gw.wait_for_log(&needle, Duration::from_secs(15));
+    // The others stay in: only the stopped member was taken out.
+    for i in (0..cluster.len()).filter(|&i| i != v) {
+        let m = cluster.member(i);
+        assert!(
+            m.is_running(),
+            "member {i} died during the test:\n{}",
+            m.log()
+        );
+    }
     for i in 0..9 {
         let out = ctl(&cluster, &addr, &["get", "k", "--print-value-only"]);
         assert_eq!(ok(out), "v\n", "connection {i} went to the stopped member");
