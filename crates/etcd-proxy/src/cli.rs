@@ -27,6 +27,8 @@ pub enum Invocation {
     GatewayStart(GatewayStartArgs),
     /// `etcd-proxy grpc-proxy start ...`
     GrpcProxyStart(GrpcProxyStartArgs),
+    /// `etcd-proxy bench put|range ...`: run the load generator and print its report.
+    Bench(bench::BenchArgs),
     /// `etcd-proxy version` or `etcd-proxy --version`: print [`crate::version::version_text`].
     Version,
     /// `--help`, or a command that needs a sub-command given none: print this to stdout, exit 0.
@@ -54,6 +56,7 @@ where
     match cli.command {
         None => Ok(Invocation::Help(help_for(&[]))),
         Some(TopCommand::Version) => Ok(Invocation::Version),
+        Some(TopCommand::Bench(args)) => Ok(Invocation::Bench(args)),
         Some(TopCommand::Gateway(GatewayCommand { command: None })) => {
             Ok(Invocation::Help(help_for(&["gateway"])))
         }
@@ -123,6 +126,8 @@ enum TopCommand {
     Gateway(GatewayCommand),
     #[command(name = "grpc-proxy", about = "grpc-proxy related command")]
     GrpcProxy(GrpcProxyCommand),
+    #[command(about = "benchmark etcd: bench put|range [flags] (as etcd's tools/benchmark)")]
+    Bench(bench::BenchArgs),
     #[command(about = "print the version")]
     Version,
 }

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     match invocation {
         Invocation::Help(text) => print_stdout(&text),
         Invocation::Version => print_stdout(&version::version_text()),
+        Invocation::Bench(args) => bench(&args),
         Invocation::GatewayStart(args) => run(&argv, false, gateway_cmd::run(args)),
         Invocation::GrpcProxyStart(args) => {
             let debug = args.debug;
@@ -54,6 +55,23 @@ fn run(
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
+    }
+}
+
+/// `etcd-proxy bench`: runs the load generator and prints its report (text, or JSON with `--json`)
+/// to stdout. No logger: the report is the output.
+fn bench(args: &bench::BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&ExitError::new(format!("failed to start the runtime: {e}"))),
+    };
+    match runtime.block_on(bench::run(args)) {
+        Ok(report) if args.json => print_stdout(&format!("{}\n", report.json())),
+        Ok(report) => print_stdout(&report.text()),
+        Err(e) => fail(&ExitError::new(format!("Error: {e}"))),
     }
 }
 
