@@ -1,11 +1,213 @@
-//! `etcd-proxy grpc-proxy start`. Its flags are parsed and checked already (see
-//! [`crate::cli::GrpcProxyStartArgs::validate`]); serving comes next.
+//! `etcd-proxy grpc-proxy start`: turns the flags (parsed and checked by
+//! [`crate::cli::GrpcProxyStartArgs::validate`]) into a running [`grpc_proxy`], serves until
+//! SIGTERM or SIGINT, then drains.
+//!
+//! Flags whose feature is not built yet are refused when set to anything but their default, so
+//! nobody runs a proxy that silently ignores `--namespace` or TLS.
+
+use std::time::Duration;
+
+use backend::Endpoint;
+use backend::endpoint::Scheme;
+use tokio::net::TcpListener;
 
 use crate::ExitError;
 use crate::cli::GrpcProxyStartArgs;
+use crate::duration::GoDuration;
+use crate::signals::ShutdownSignals;
 
-/// Runs the gRPC proxy. Not implemented yet: fails with exit code 1.
+/// grpc-go's default when `--grpc-keepalive-timeout` or `--dial-keepalive-timeout` is 0.
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Validates the flags, binds, logs `started gRPC proxy` and serves until a shutdown signal.
 pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
-    let _ = args;
-    Err(ExitError::new("grpc-proxy start is not implemented yet"))
+    reject_unsupported(&args)?;
+    let endpoints = endpoints(&args)?;
+
+    let mut config = grpc_proxy::Config::new(endpoints);
+    config.dial_keepalive_time = positive("--dial-keepalive-time", args.dial_keepalive_time)?;
+    config.dial_keepalive_timeout =
+        positive("--dial-keepalive-timeout", args.dial_keepalive_timeout)?
+            .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
+    config.permit_without_stream = args.permit_without_stream;
+    config.max_concurrent_streams = args.max_concurrent_streams;
+    config.keepalive_interval =
+        positive("--grpc-keepalive-interval", args.grpc_keepalive_interval)?;
+    config.keepalive_timeout = positive("--grpc-keepalive-timeout", args.grpc_keepalive_timeout)?
+        .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
+
+    let listener = TcpListener::bind(args.listen_addr.as_str())
+        .await
+        .map_err(|e| {
+            ExitError::new(format!(
+                "listen tcp {}: bind: {}",
+                args.listen_addr,
+                backend::io_error_text(&e)
+            ))
+        })?;
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| args.listen_addr.clone());
+    // Installed before the ready line, so a signal sent as soon as it appears is not missed.
+    let signals = ShutdownSignals::install();
+    tracing::info!(address = %address, "started gRPC proxy");
+    crate::systemd::notify_ready();
+    grpc_proxy::serve(listener, config, async move {
+        signals.recv().await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Refuses flags set to a non-default value whose feature does not exist yet.
+fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
+    let d = GrpcProxyStartArgs::default();
+    let unsupported = [
+        ("discovery-srv", args.discovery_srv != d.discovery_srv),
+        (
+            "discovery-srv-name",
+            args.discovery_srv_name != d.discovery_srv_name,
+        ),
+        (
+            "insecure-discovery",
+            args.insecure_discovery != d.insecure_discovery,
+        ),
+        ("metrics-addr", args.metrics_addr != d.metrics_addr),
+        (
+            "endpoints-auto-sync-interval",
+            args.endpoints_auto_sync_interval != d.endpoints_auto_sync_interval,
+        ),
+        ("resolver-prefix", args.resolver_prefix != d.resolver_prefix),
+        ("resolver-ttl", args.resolver_ttl != d.resolver_ttl),
+        ("namespace", args.namespace != d.namespace),
+        ("enable-pprof", args.enable_pprof != d.enable_pprof),
+        ("max-send-bytes", args.max_send_bytes != d.max_send_bytes),
+        ("max-recv-bytes", args.max_recv_bytes != d.max_recv_bytes),
+        (
+            "grpc-keepalive-min-time",
+            args.grpc_keepalive_min_time != d.grpc_keepalive_min_time,
+        ),
+        ("cert", args.cert != d.cert),
+        ("key", args.key != d.key),
+        ("cacert", args.cacert != d.cacert),
+        (
+            "insecure-skip-tls-verify",
+            args.insecure_skip_tls_verify != d.insecure_skip_tls_verify,
+        ),
+        ("cert-file", args.cert_file != d.cert_file),
+        ("key-file", args.key_file != d.key_file),
+        ("trusted-ca-file", args.trusted_ca_file != d.trusted_ca_file),
+        (
+            "listen-cipher-suites",
+            args.listen_cipher_suites != d.listen_cipher_suites,
+        ),
+        ("auto-tls", args.auto_tls != d.auto_tls),
+        ("client-crl-file", args.client_crl_file != d.client_crl_file),
+        (
+            "self-signed-cert-validity",
+            args.self_signed_cert_validity != d.self_signed_cert_validity,
+        ),
+        ("tls-min-version", args.tls_min_version != d.tls_min_version),
+        ("tls-max-version", args.tls_max_version != d.tls_max_version),
+        (
+            "experimental-serializable-ordering",
+            args.experimental_serializable_ordering != d.experimental_serializable_ordering,
+        ),
+        (
+            "experimental-leasing-prefix",
+            args.experimental_leasing_prefix != d.experimental_leasing_prefix,
+        ),
+    ];
+    match unsupported.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => Err(ExitError::new(format!("--{flag} is not supported yet"))),
+        None => Ok(()),
+    }
+}
+
+/// `--endpoints`, with an `http://` scheme stripped; `https://` members need TLS, not built yet.
+fn endpoints(args: &GrpcProxyStartArgs) -> Result<Vec<Endpoint>, ExitError> {
+    let endpoints = args
+        .endpoints
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| Endpoint::parse(e).map_err(|err| ExitError::new(err.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(ep) = endpoints.iter().find(|ep| ep.scheme == Scheme::Https) {
+        return Err(ExitError::new(format!(
+            "--endpoints: https:// members are not supported yet ({ep})"
+        )));
+    }
+    if endpoints.is_empty() {
+        return Err(ExitError::new("no endpoints found"));
+    }
+    Ok(endpoints)
+}
+
+/// A duration flag that must not be negative; zero means "off" (`None`).
+fn positive(flag: &str, d: GoDuration) -> Result<Option<Duration>, ExitError> {
+    let d = d
+        .to_std()
+        .ok_or_else(|| ExitError::new(format!("{flag} must not be negative (got {d})")))?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Invocation, parse};
+
+    fn args(extra: &[&str]) -> GrpcProxyStartArgs {
+        let mut argv = vec!["etcd-proxy", "grpc-proxy", "start"];
+        argv.extend_from_slice(extra);
+        match parse(argv) {
+            Ok(Invocation::GrpcProxyStart(a)) => a,
+            other => panic!("unexpected parse result: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_supported() {
+        assert!(reject_unsupported(&args(&[])).is_ok());
+        assert!(
+            reject_unsupported(&args(&[
+                "--debug",
+                "--max-concurrent-streams=100",
+                "--dial-keepalive-time=10s",
+                "--permit-without-stream",
+                "--advertise-client-url=127.0.0.1:1",
+            ]))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn unbuilt_features_are_refused_by_name() {
+        for (flag, name) in [
+            ("--namespace=/ns/", "namespace"),
+            ("--cert-file=x.crt", "cert-file"),
+            ("--auto-tls", "auto-tls"),
+            ("--metrics-addr=http://127.0.0.1:1", "metrics-addr"),
+            (
+                "--endpoints-auto-sync-interval=1m",
+                "endpoints-auto-sync-interval",
+            ),
+            (
+                "--experimental-leasing-prefix=l",
+                "experimental-leasing-prefix",
+            ),
+        ] {
+            let err = reject_unsupported(&args(&[flag])).unwrap_err();
+            assert_eq!(err.to_string(), format!("--{name} is not supported yet"));
+        }
+    }
+
+    #[test]
+    fn endpoint_forms() {
+        let eps = endpoints(&args(&["--endpoints=http://127.0.0.1:1,127.0.0.1:2"])).unwrap();
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[0].to_string(), "127.0.0.1:1");
+        assert!(endpoints(&args(&["--endpoints=https://127.0.0.1:1"])).is_err());
+        assert!(endpoints(&args(&["--endpoints="])).is_err());
+    }
 }

@@ -359,7 +359,7 @@ fn grpc_proxy_checks_flag_combinations_before_starting() {
 }
 
 #[test]
-fn grpc_proxy_start_is_not_implemented_yet() {
+fn grpc_proxy_start_refuses_unbuilt_flags_and_logs_argv() {
     let o = run(&[
         "grpc-proxy",
         "start",
@@ -372,7 +372,7 @@ fn grpc_proxy_start_is_not_implemented_yet() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
-        err.contains("grpc-proxy start is not implemented yet"),
+        err.contains("--max-send-bytes is not supported yet"),
         "{err}"
     );
     // The startup line etcd 3.5.3+ writes, with the whole argv as an array.

@@ -1,0 +1,370 @@
+//! `etcd-proxy grpc-proxy start` end to end: the real binary in front of a real 3-member etcd
+//! cluster, used by the real etcdctl (and etcdutl to check a snapshot taken through it).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ProxyProcess, ok, run_to_exit};
+use testkit::Cluster;
+
+/// Starts a gRPC proxy in front of `cluster` on a port of its choosing; returns it and the
+/// address from its `started gRPC proxy` line.
+fn proxy(cluster: &Cluster) -> (ProxyProcess, String) {
+    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
+    let p = ProxyProcess::start(
+        &[
+            "grpc-proxy",
+            "start",
+            "--listen-addr=127.0.0.1:0",
+            endpoints.as_str(),
+        ],
+        "started gRPC proxy",
+    );
+    let addr = listen_addr(&p);
+    (p, addr)
+}
+
+fn listen_addr(p: &ProxyProcess) -> String {
+    p.log_entries("started gRPC proxy")
+        .first()
+        .and_then(|v| v["address"].as_str())
+        .expect("`started gRPC proxy` has an address")
+        .to_string()
+}
+
+/// etcdctl at the proxy only.
+fn ctl(cluster: &Cluster, addr: &str, args: &[&str]) -> Output {
+    cluster.etcdctl_at(addr, args)
+}
+
+/// Runs etcdctl at the proxy expecting failure; returns its stderr.
+fn ctl_err(cluster: &Cluster, addr: &str, args: &[&str]) -> String {
+    let out = ctl(cluster, addr, args);
+    assert!(
+        !out.status.success(),
+        "etcdctl {args:?} should fail; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The revision in the header of a `-w json` reply.
+fn revision(json: &str) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(json).expect("etcdctl -w json output");
+    v["header"]["revision"].as_i64().expect("header.revision")
+}
+
+/// etcdctl with `stdin` as input (txn reads its operations from stdin).
+fn ctl_stdin(addr: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(testkit::etcdctl_path())
+        .arg(format!("--endpoints={addr}"))
+        .args(["--dial-timeout=5s", "--command-timeout=10s"])
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn etcdctl");
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(stdin)
+        .expect("write etcdctl stdin");
+    child.wait_with_output().expect("etcdctl output")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_txn_and_compaction_through_the_proxy() {
+    let cluster = Cluster::start(3).await;
+    let (_p, addr) = proxy(&cluster);
+
+    let r1 = revision(&ok(ctl(
+        &cluster,
+        &addr,
+        &["put", "foo", "v1", "-w", "json"],
+    )));
+    ok(ctl(&cluster, &addr, &["put", "foo", "v2"]));
+    assert_eq!(ok(ctl(&cluster, &addr, &["get", "foo"])), "foo\nv2\n");
+    // What went through the proxy is in the cluster, read directly.
+    assert_eq!(
+        ok(cluster.etcdctl(&["get", "foo", "--print-value-only"])),
+        "v2\n"
+    );
+    let old = r1.to_string();
+    assert_eq!(
+        ok(ctl(
+            &cluster,
+            &addr,
+            &["get", "foo", "--rev", &old, "--print-value-only"]
+        )),
+        "v1\n"
+    );
+
+    for (k, v) in [("p/a", "1"), ("p/b", "2"), ("p/c", "3"), ("q", "4")] {
+        ok(ctl(&cluster, &addr, &["put", k, v]));
+    }
+    assert_eq!(
+        ok(ctl(&cluster, &addr, &["get", "p/", "--prefix"])),
+        "p/a\n1\np/b\n2\np/c\n3\n"
+    );
+    assert_eq!(
+        ok(ctl(
+            &cluster,
+            &addr,
+            &["get", "p/", "--prefix", "--keys-only"]
+        )),
+        "p/a\n\np/b\n\np/c\n\n"
+    );
+    let counted = ok(ctl(
+        &cluster,
+        &addr,
+        &["get", "p/", "--prefix", "--count-only", "-w", "fields"],
+    ));
+    assert!(counted.contains("\"Count\" : 3"), "{counted}");
+    assert_eq!(ok(ctl(&cluster, &addr, &["del", "p/", "--prefix"])), "3\n");
+    assert_eq!(ok(ctl(&cluster, &addr, &["get", "p/", "--prefix"])), "");
+
+    let out = ok(ctl_stdin(
+        &addr,
+        &["txn"],
+        b"value(\"foo\") = \"v2\"\n\nput foo v3\n\nput nope x\n\n",
+    ));
+    assert!(out.starts_with("SUCCESS"), "{out}");
+    assert_eq!(
+        ok(ctl(&cluster, &addr, &["get", "foo", "--print-value-only"])),
+        "v3\n"
+    );
+    assert_eq!(ok(ctl(&cluster, &addr, &["get", "nope"])), "");
+
+    // Compaction through the proxy, then etcd's own error text for a compacted revision.
+    let now = revision(&ok(ctl(&cluster, &addr, &["get", "foo", "-w", "json"])));
+    let compacted = ok(ctl(&cluster, &addr, &["compaction", &now.to_string()]));
+    assert!(compacted.contains(&now.to_string()), "{compacted}");
+    let err = ctl_err(&cluster, &addr, &["get", "foo", "--rev", &old]);
+    assert!(
+        err.contains("etcdserver: mvcc: required revision has been compacted"),
+        "{err}"
+    );
+
+    // etcd's status for an invalid request passes through as etcd sent it.
+    let err = ctl_err(&cluster, &addr, &["put", "", "v"]);
+    assert!(err.contains("etcdserver: key is not provided"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_watch_and_lock_through_the_proxy() {
+    let cluster = Cluster::start(3).await;
+    let (_p, addr) = proxy(&cluster);
+
+    let granted = ok(ctl(&cluster, &addr, &["lease", "grant", "60"]));
+    let id = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    ok(ctl(
+        &cluster,
+        &addr,
+        &["put", "leased", "v", &format!("--lease={id}")],
+    ));
+    let kept = ok(ctl(
+        &cluster,
+        &addr,
+        &["lease", "keep-alive", "--once", &id],
+    ));
+    assert!(kept.contains(&id) && kept.contains("TTL(60)"), "{kept}");
+    let ttl = ok(ctl(
+        &cluster,
+        &addr,
+        &["lease", "timetolive", &id, "--keys"],
+    ));
+    assert!(
+        ttl.contains("leased") && ttl.contains("granted with TTL(60s)"),
+        "{ttl}"
+    );
+    let list = ok(ctl(&cluster, &addr, &["lease", "list"]));
+    assert!(list.contains(&id), "{list}");
+    ok(ctl(&cluster, &addr, &["lease", "revoke", &id]));
+    assert_eq!(ok(ctl(&cluster, &addr, &["get", "leased"])), "");
+    let err = ctl_err(&cluster, &addr, &["lease", "revoke", &id]);
+    assert!(
+        err.contains("etcdserver: requested lease not found"),
+        "{err}"
+    );
+
+    // A watch held open through the proxy sees a put made directly on etcd.
+    let mut watch = Command::new(testkit::etcdctl_path())
+        .args(["--endpoints", &addr, "watch", "wkey"])
+        .env("ETCDCTL_API", "3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcdctl watch");
+    let stdout = watch.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l == "watched-value") {
+        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
+        // The watcher may not be registered yet: put until it reports the event.
+        ok(cluster.etcdctl(&["put", "wkey", "watched-value"]));
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+            seen.push(l);
+        }
+    }
+    assert!(
+        seen.starts_with(&["PUT".into(), "wkey".into(), "watched-value".into()]),
+        "{seen:?}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // The lock service (v3lockpb) is forwarded like any other.
+    let held = ok(ctl(&cluster, &addr, &["lock", "l1", "echo", "held"]));
+    assert!(held.lines().any(|l| l == "held"), "{held}");
+    // And released afterwards: a second holder gets it too.
+    let again = ok(ctl(&cluster, &addr, &["lock", "l1", "echo", "again"]));
+    assert!(again.lines().any(|l| l == "again"), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_and_maintenance_through_the_proxy() {
+    let cluster = Cluster::start(3).await;
+    let (_p, addr) = proxy(&cluster);
+
+    let members = ok(ctl(&cluster, &addr, &["member", "list"]));
+    for i in 0..cluster.len() {
+        let m = cluster.member(i);
+        assert!(
+            members.contains(m.name()) && members.contains(&m.client_url()),
+            "{members}"
+        );
+    }
+    let status = ok(ctl(&cluster, &addr, &["endpoint", "status"]));
+    assert!(status.starts_with(&addr), "{status}");
+
+    ok(ctl(&cluster, &addr, &["put", "snap", "shot"]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("snap.db");
+    let file_arg = file.to_string_lossy().into_owned();
+    ok(ctl(&cluster, &addr, &["snapshot", "save", &file_arg]));
+    let size = std::fs::metadata(&file).expect("snapshot file").len();
+    assert!(size > 0, "empty snapshot");
+    let etcdutl = testkit::etcd_bin_dir().join("etcdutl");
+    if etcdutl.is_file() {
+        let out = Command::new(etcdutl)
+            .args(["snapshot", "status", &file_arg, "-w", "json"])
+            .output()
+            .expect("run etcdutl");
+        let text = ok(out);
+        assert!(text.contains("\"totalKey\""), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_continue_when_a_follower_is_killed() {
+    let mut cluster = Cluster::start(3).await;
+    let (p, addr) = proxy(&cluster);
+    for i in 0..6 {
+        ok(ctl(&cluster, &addr, &["put", "k", &i.to_string()]));
+    }
+    let leader = cluster.leader().await.expect("the cluster has a leader");
+    let follower = (leader + 1) % cluster.len();
+    cluster.kill(follower);
+
+    // Enough calls that round-robin would have picked the dead member several times.
+    for i in 0..12 {
+        let v = format!("after-{i}");
+        ok(ctl(&cluster, &addr, &["put", "k", &v]));
+        assert_eq!(
+            ok(ctl(&cluster, &addr, &["get", "k", "--print-value-only"])),
+            format!("{v}\n")
+        );
+    }
+    let dead = cluster.member(follower).client_endpoint();
+    assert!(
+        p.log_entries("lost connection to etcd member")
+            .iter()
+            .chain(p.log_entries("etcd member closed the connection").iter())
+            .any(|e| e["endpoint"] == dead.as_str()),
+        "no log of the lost member {dead}:\n{}",
+        p.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_reachable_member_is_unavailable() {
+    // A port nothing listens on: every connect is refused.
+    let dead = format!("--endpoints=127.0.0.1:{}", common::free_port());
+    let p = ProxyProcess::start(
+        &["grpc-proxy", "start", "--listen-addr=127.0.0.1:0", &dead],
+        "started gRPC proxy",
+    );
+    let addr = listen_addr(&p);
+    // A put is not retried by clientv3, so etcdctl prints the proxy's status as it came.
+    let out = Command::new(testkit::etcdctl_path())
+        .arg(format!("--endpoints={addr}"))
+        .args([
+            "--dial-timeout=5s",
+            "--command-timeout=20s",
+            "put",
+            "a",
+            "b",
+        ])
+        .env("ETCDCTL_API", "3")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Unavailable") && err.contains("no etcd member is reachable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unbuilt_features_are_refused() {
+    for (flag, name) in [
+        ("--namespace=/ns/", "namespace"),
+        ("--cert-file=server.crt", "cert-file"),
+        ("--metrics-addr=http://127.0.0.1:9999", "metrics-addr"),
+    ] {
+        let (code, text) = run_to_exit(&[
+            "grpc-proxy",
+            "start",
+            "--listen-addr=127.0.0.1:0",
+            "--endpoints=127.0.0.1:1",
+            flag,
+        ]);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains(&format!("--{name} is not supported yet")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_the_proxy() {
+    let dead = format!("--endpoints=127.0.0.1:{}", common::free_port());
+    let mut p = ProxyProcess::start(
+        &["grpc-proxy", "start", "--listen-addr=127.0.0.1:0", &dead],
+        "started gRPC proxy",
+    );
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(0), "{}", p.log());
+}

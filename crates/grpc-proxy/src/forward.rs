@@ -1,0 +1,191 @@
+//! The request path: choose a handler for a call by its gRPC method path, and the handler every
+//! call gets today, [`Handler::Forward`], which relays it to etcd as bytes.
+//!
+//! Forwarding keeps everything etcd and the client say to each other: headers and metadata
+//! (auth `token`, `hasleader`, `grpc-timeout`), the streaming body in both directions, and
+//! etcd's trailers (`grpc-status`, `grpc-message`). The only status the proxy makes up is
+//! `UNAVAILABLE`, when no member could take the call or the member's connection broke.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Request, Response};
+
+use crate::upstream::Upstream;
+
+/// gRPC's `UNAVAILABLE`: clients treat it as "try again / another endpoint".
+const UNAVAILABLE: u16 = 14;
+
+/// What serves a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handler {
+    /// Relay the call to a member unchanged.
+    Forward,
+}
+
+/// Chooses the handler for a call by its path (`/etcdserverpb.KV/Range`, ...). Methods that need
+/// decoding (namespace, cache, watch coalescing) will get their own handlers here; everything
+/// else, including methods this proxy has never heard of, is forwarded.
+pub fn route(path: &str) -> Handler {
+    let _ = path;
+    Handler::Forward
+}
+
+/// Serves one call.
+pub async fn handle(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
+    match route(req.uri().path()) {
+        Handler::Forward => forward(upstream, req).await,
+    }
+}
+
+async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
+    match upstream.send(req).await {
+        Ok(resp) => resp.map(|inner| ResponseBody::Upstream {
+            inner,
+            failed: false,
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot forward a gRPC call");
+            status_response(UNAVAILABLE, &e.to_string())
+        }
+    }
+}
+
+/// The body of a response to a client: etcd's, relayed frame by frame, or none (a trailers-only
+/// error response made by the proxy).
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// etcd's body and trailers. If the member's stream breaks before its trailers, the client
+    /// gets `UNAVAILABLE` trailers instead of a reset stream, so it sees a gRPC status it knows
+    /// to retry on rather than an HTTP/2 error.
+    Upstream {
+        /// etcd's response body.
+        inner: Incoming,
+        /// The stream broke and the replacement trailers were sent: nothing more follows.
+        failed: bool,
+    },
+    /// No body: the status is in the response headers.
+    Empty,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Upstream { inner, failed } => {
+                if *failed {
+                    return Poll::Ready(None);
+                }
+                match ready!(Pin::new(inner).poll_frame(cx)) {
+                    Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                    None => Poll::Ready(None),
+                    Some(Err(e)) => {
+                        *failed = true;
+                        let message = format!("connection to etcd member broke: {e}");
+                        tracing::debug!(error = %e, "upstream stream broke; ending the call with UNAVAILABLE");
+                        Poll::Ready(Some(Ok(Frame::trailers(status_headers(
+                            UNAVAILABLE,
+                            &message,
+                        )))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::Upstream { inner, failed } => *failed || inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// A trailers-only gRPC response (HTTP 200, status in the headers, no body), as gRPC servers
+/// answer a call they fail before any message.
+pub fn status_response(code: u16, message: &str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::Empty);
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.extend(status_headers(code, message));
+    resp
+}
+
+fn status_headers(code: u16, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(2);
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // Percent-encoding leaves only visible ASCII, which is always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    headers
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_is_forwarded_for_now() {
+        for path in [
+            "/etcdserverpb.KV/Range",
+            "/etcdserverpb.Watch/Watch",
+            "/v3lockpb.Lock/Lock",
+            "/grpc.health.v1.Health/Check",
+            "/no.such.Service/Method",
+            "",
+        ] {
+            assert_eq!(route(path), Handler::Forward, "{path}");
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("plain text"), "plain text");
+        assert_eq!(percent_encode("100%"), "100%25");
+        assert_eq!(percent_encode("a\nb"), "a%0Ab");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn status_response_is_trailers_only() {
+        let resp = status_response(UNAVAILABLE, "no etcd member is reachable");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(
+            resp.headers()["grpc-message"],
+            "no etcd member is reachable"
+        );
+        assert!(resp.body().is_end_stream());
+    }
+}
