@@ -3,12 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, free_port, ok, run_to_exit};
+use common::{
+    ProxyProcess, check_lease_flow, check_watch_sees_direct_put, etcdctl_stdin, free_port, ok,
+    run_to_exit,
+};
 use testkit::Cluster;
 
 /// Starts a gateway in front of `cluster` with `extra` flags; listens on a free port.
@@ -79,20 +82,12 @@ async fn etcdctl_works_through_the_gateway_on_three_members() {
     );
 
     // txn reads its operations from stdin.
-    let mut txn = Command::new(testkit::etcdctl_path())
-        .args(["--endpoints", &addr, "--command-timeout=5s", "txn"])
-        .env("ETCDCTL_API", "3")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    txn.stdin
-        .take()
-        .unwrap()
-        .write_all(b"value(\"foo\") = \"bar\"\n\nput foo baz\n\nput nope x\n\n")
-        .unwrap();
-    let out = ok(txn.wait_with_output().unwrap());
+    let txn = etcdctl_stdin(
+        &addr,
+        &["txn"],
+        b"value(\"foo\") = \"bar\"\n\nput foo baz\n\nput nope x\n\n",
+    );
+    let out = ok(txn);
     assert!(out.starts_with("SUCCESS"), "{out}");
     assert_eq!(
         ok(ctl(&cluster, &addr, &["get", "foo", "--print-value-only"])),
@@ -101,70 +96,9 @@ async fn etcdctl_works_through_the_gateway_on_three_members() {
     assert_eq!(ok(ctl(&cluster, &addr, &["get", "nope"])), "");
 
     // Leases: grant, attach, keep alive, time to live, revoke (the key goes with it).
-    let granted = ok(ctl(&cluster, &addr, &["lease", "grant", "60"]));
-    let id = granted
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
-    ok(ctl(
-        &cluster,
-        &addr,
-        &["put", "leased", "v", &format!("--lease={id}")],
-    ));
-    let kept = ok(ctl(
-        &cluster,
-        &addr,
-        &["lease", "keep-alive", "--once", &id],
-    ));
-    assert!(kept.contains(&id) && kept.contains("TTL(60)"), "{kept}");
-    let ttl = ok(ctl(
-        &cluster,
-        &addr,
-        &["lease", "timetolive", &id, "--keys"],
-    ));
-    assert!(
-        ttl.contains("leased") && ttl.contains("granted with TTL(60s)"),
-        "{ttl}"
-    );
-    ok(ctl(&cluster, &addr, &["lease", "revoke", &id]));
-    assert_eq!(ok(ctl(&cluster, &addr, &["get", "leased"])), "");
-
+    check_lease_flow(&cluster, &addr);
     // A watch held open through the gateway sees a put made directly on a member.
-    let mut watch = Command::new(testkit::etcdctl_path())
-        .args(["--endpoints", &addr, "watch", "wkey"])
-        .env("ETCDCTL_API", "3")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    let mut n = 0;
-    while !seen.iter().any(|l: &String| l == "watched-value") {
-        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
-        // The watcher may not be registered yet: put until it reports the event.
-        ok(cluster.etcdctl(&["put", "wkey", "watched-value"]));
-        n += 1;
-        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
-            seen.push(l);
-        }
-    }
-    assert!(
-        seen.starts_with(&["PUT".into(), "wkey".into(), "watched-value".into()]),
-        "{seen:?} after {n} puts"
-    );
-    let _ = watch.kill();
-    let _ = watch.wait();
+    check_watch_sees_direct_put(&cluster, &addr, "wkey");
 
     // The HTTP/JSON API passes through untouched as well (the gateway is byte-transparent).
     let reply = post(&addr, "/v3/kv/range", r#"{"key":"Zm9v"}"#);

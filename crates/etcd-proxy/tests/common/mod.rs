@@ -183,3 +183,88 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// Runs etcdctl at `addr` with `stdin` (`txn` reads its operations from stdin).
+pub fn etcdctl_stdin(addr: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(testkit::etcdctl_path())
+        .arg(format!("--endpoints={addr}"))
+        .args(["--dial-timeout=5s", "--command-timeout=10s"])
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn etcdctl");
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(stdin)
+        .expect("write etcdctl stdin");
+    child.wait_with_output().expect("etcdctl output")
+}
+
+/// Lease grant, a key attached, keep-alive, time-to-live with keys, revoke: all through `addr`,
+/// checking etcd's answers; the key goes with the lease. Returns the (revoked) lease id.
+pub fn check_lease_flow(cluster: &testkit::Cluster, addr: &str) -> String {
+    let ctl = |args: &[&str]| ok(cluster.etcdctl_at(addr, args));
+    let granted = ctl(&["lease", "grant", "60"]);
+    let id = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    ctl(&["put", "leased", "v", &format!("--lease={id}")]);
+    let kept = ctl(&["lease", "keep-alive", "--once", &id]);
+    assert!(kept.contains(&id) && kept.contains("TTL(60)"), "{kept}");
+    let ttl = ctl(&["lease", "timetolive", &id, "--keys"]);
+    assert!(
+        ttl.contains("leased") && ttl.contains("granted with TTL(60s)"),
+        "{ttl}"
+    );
+    let list = ctl(&["lease", "list"]);
+    assert!(list.contains(&id), "{list}");
+    ctl(&["lease", "revoke", &id]);
+    assert_eq!(ctl(&["get", "leased"]), "");
+    id
+}
+
+/// A watch on `key` held open through `addr` reports a put made directly on the cluster.
+pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: &str) {
+    let mut watch = Command::new(testkit::etcdctl_path())
+        .args(["--endpoints", addr, "watch", key])
+        .env("ETCDCTL_API", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcdctl watch");
+    let stdout = watch.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Vec<String> = Vec::new();
+    let mut puts = 0;
+    while !seen.iter().any(|l| l == "watched-value") {
+        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
+        // The watcher may not be registered yet: put until it reports the event.
+        ok(cluster.etcdctl(&["put", key, "watched-value"]));
+        puts += 1;
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+            seen.push(l);
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(
+        seen.starts_with(&["PUT".into(), key.into(), "watched-value".into()]),
+        "{seen:?} after {puts} puts"
+    );
+}
