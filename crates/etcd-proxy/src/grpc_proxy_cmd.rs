@@ -3,7 +3,7 @@
 //! SIGTERM or SIGINT, then drains.
 //!
 //! Flags whose feature is not built yet are refused when set to anything but their default, so
-//! nobody runs a proxy that silently ignores `--namespace` or TLS.
+//! nobody runs a proxy that silently ignores TLS or discovery.
 
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         positive("--dial-keepalive-timeout", args.dial_keepalive_timeout)?
             .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
     config.permit_without_stream = args.permit_without_stream;
+    // An empty prefix is no namespace.
+    config.namespace = grpc_proxy::namespace::Namespace::new(args.namespace.clone().into_bytes());
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.keepalive_interval =
         positive("--grpc-keepalive-interval", args.grpc_keepalive_interval)?;
@@ -49,11 +51,25 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| args.listen_addr.clone());
+    let metrics_listener = match metrics_addr(&args.metrics_addr)? {
+        Some(addr) => {
+            let l = TcpListener::bind(addr.as_str()).await.map_err(|e| {
+                ExitError::new(format!(
+                    "listen tcp {addr} (--metrics-addr): bind: {}",
+                    backend::io_error_text(&e)
+                ))
+            })?;
+            let bound = l.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+            tracing::info!(address = %bound, "gRPC proxy listening for metrics");
+            Some(l)
+        }
+        None => None,
+    };
     // Installed before the ready line, so a signal sent as soon as it appears is not missed.
     let signals = ShutdownSignals::install();
     tracing::info!(address = %address, "started gRPC proxy");
     crate::systemd::notify_ready();
-    grpc_proxy::serve(listener, config, async move {
+    grpc_proxy::serve_with_metrics(listener, metrics_listener, config, async move {
         signals.recv().await;
     })
     .await;
@@ -73,14 +89,12 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
             "insecure-discovery",
             args.insecure_discovery != d.insecure_discovery,
         ),
-        ("metrics-addr", args.metrics_addr != d.metrics_addr),
         (
             "endpoints-auto-sync-interval",
             args.endpoints_auto_sync_interval != d.endpoints_auto_sync_interval,
         ),
         ("resolver-prefix", args.resolver_prefix != d.resolver_prefix),
         ("resolver-ttl", args.resolver_ttl != d.resolver_ttl),
-        ("namespace", args.namespace != d.namespace),
         ("enable-pprof", args.enable_pprof != d.enable_pprof),
         ("max-send-bytes", args.max_send_bytes != d.max_send_bytes),
         ("max-recv-bytes", args.max_recv_bytes != d.max_recv_bytes),
@@ -144,6 +158,38 @@ fn endpoints(args: &GrpcProxyStartArgs) -> Result<Vec<Endpoint>, ExitError> {
     Ok(endpoints)
 }
 
+/// `--metrics-addr`: a URL with a scheme (`http://host:port`), as etcd requires; empty turns it
+/// off. `https://` needs the listener TLS, not built yet.
+fn metrics_addr(flag: &str) -> Result<Option<String>, ExitError> {
+    if flag.is_empty() {
+        return Ok(None);
+    }
+    if flag.starts_with("https://") {
+        return Err(ExitError::new(format!(
+            "--metrics-addr: https is not supported yet ({flag})"
+        )));
+    }
+    let Some(rest) = flag.strip_prefix("http://") else {
+        return Err(ExitError::new(format!(
+            "invalid --metrics-addr {flag:?}: want a URL with a scheme, e.g. http://127.0.0.1:9090"
+        )));
+    };
+    let host_port = rest.trim_end_matches('/');
+    let valid = host_port
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.contains('/') && port.parse::<u16>().is_ok());
+    if !valid {
+        return Err(ExitError::new(format!(
+            "invalid --metrics-addr {flag:?}: want http://host:port"
+        )));
+    }
+    // Go listens on all interfaces for an empty host (`http://:9090`).
+    Ok(Some(match host_port.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => host_port.to_string(),
+    }))
+}
+
 /// A duration flag that must not be negative; zero means "off" (`None`).
 fn positive(flag: &str, d: GoDuration) -> Result<Option<Duration>, ExitError> {
     let d = d
@@ -184,10 +230,8 @@ mod tests {
     #[test]
     fn unbuilt_features_are_refused_by_name() {
         for (flag, name) in [
-            ("--namespace=/ns/", "namespace"),
             ("--cert-file=x.crt", "cert-file"),
             ("--auto-tls", "auto-tls"),
-            ("--metrics-addr=http://127.0.0.1:1", "metrics-addr"),
             (
                 "--endpoints-auto-sync-interval=1m",
                 "endpoints-auto-sync-interval",
@@ -200,6 +244,27 @@ mod tests {
             let err = reject_unsupported(&args(&[flag])).unwrap_err();
             assert_eq!(err.to_string(), format!("--{name} is not supported yet"));
         }
+    }
+
+    #[test]
+    fn metrics_addr_forms() {
+        assert_eq!(metrics_addr("").unwrap(), None);
+        assert_eq!(
+            metrics_addr("http://127.0.0.1:9000").unwrap().as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        assert_eq!(
+            metrics_addr("http://[::1]:9000/").unwrap().as_deref(),
+            Some("[::1]:9000")
+        );
+        assert_eq!(
+            metrics_addr("http://:9000").unwrap().as_deref(),
+            Some("0.0.0.0:9000")
+        );
+        let err = metrics_addr("https://127.0.0.1:9000").unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(metrics_addr("127.0.0.1:9000").is_err());
+        assert!(metrics_addr("http://nope").is_err());
     }
 
     #[test]

@@ -3,11 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{ProxyProcess, ok, run_to_exit};
+use common::{
+    ProxyProcess, check_lease_flow, check_watch_sees_direct_put, etcdctl_stdin, ok, run_to_exit,
+};
 use testkit::Cluster;
 
 /// Starts a gRPC proxy in front of `cluster` on a port of its choosing; returns it and the
@@ -55,27 +56,6 @@ fn ctl_err(cluster: &Cluster, addr: &str, args: &[&str]) -> String {
 fn revision(json: &str) -> i64 {
     let v: serde_json::Value = serde_json::from_str(json).expect("etcdctl -w json output");
     v["header"]["revision"].as_i64().expect("header.revision")
-}
-
-/// etcdctl with `stdin` as input (txn reads its operations from stdin).
-fn ctl_stdin(addr: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(testkit::etcdctl_path())
-        .arg(format!("--endpoints={addr}"))
-        .args(["--dial-timeout=5s", "--command-timeout=10s"])
-        .args(args)
-        .env("ETCDCTL_API", "3")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn etcdctl");
-    child
-        .stdin
-        .take()
-        .expect("stdin piped")
-        .write_all(stdin)
-        .expect("write etcdctl stdin");
-    child.wait_with_output().expect("etcdctl output")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +109,7 @@ async fn kv_txn_and_compaction_through_the_proxy() {
     assert_eq!(ok(ctl(&cluster, &addr, &["del", "p/", "--prefix"])), "3\n");
     assert_eq!(ok(ctl(&cluster, &addr, &["get", "p/", "--prefix"])), "");
 
-    let out = ok(ctl_stdin(
+    let out = ok(etcdctl_stdin(
         &addr,
         &["txn"],
         b"value(\"foo\") = \"v2\"\n\nput foo v3\n\nput nope x\n\n",
@@ -161,36 +141,7 @@ async fn leases_watch_and_lock_through_the_proxy() {
     let cluster = Cluster::start(3).await;
     let (_p, addr) = proxy(&cluster);
 
-    let granted = ok(ctl(&cluster, &addr, &["lease", "grant", "60"]));
-    let id = granted
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
-    ok(ctl(
-        &cluster,
-        &addr,
-        &["put", "leased", "v", &format!("--lease={id}")],
-    ));
-    let kept = ok(ctl(
-        &cluster,
-        &addr,
-        &["lease", "keep-alive", "--once", &id],
-    ));
-    assert!(kept.contains(&id) && kept.contains("TTL(60)"), "{kept}");
-    let ttl = ok(ctl(
-        &cluster,
-        &addr,
-        &["lease", "timetolive", &id, "--keys"],
-    ));
-    assert!(
-        ttl.contains("leased") && ttl.contains("granted with TTL(60s)"),
-        "{ttl}"
-    );
-    let list = ok(ctl(&cluster, &addr, &["lease", "list"]));
-    assert!(list.contains(&id), "{list}");
-    ok(ctl(&cluster, &addr, &["lease", "revoke", &id]));
-    assert_eq!(ok(ctl(&cluster, &addr, &["get", "leased"])), "");
+    let id = check_lease_flow(&cluster, &addr);
     let err = ctl_err(&cluster, &addr, &["lease", "revoke", &id]);
     assert!(
         err.contains("etcdserver: requested lease not found"),
@@ -198,39 +149,7 @@ async fn leases_watch_and_lock_through_the_proxy() {
     );
 
     // A watch held open through the proxy sees a put made directly on etcd.
-    let mut watch = Command::new(testkit::etcdctl_path())
-        .args(["--endpoints", &addr, "watch", "wkey"])
-        .env("ETCDCTL_API", "3")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcdctl watch");
-    let stdout = watch.stdout.take().expect("stdout piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l == "watched-value") {
-        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
-        // The watcher may not be registered yet: put until it reports the event.
-        ok(cluster.etcdctl(&["put", "wkey", "watched-value"]));
-        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
-            seen.push(l);
-        }
-    }
-    assert!(
-        seen.starts_with(&["PUT".into(), "wkey".into(), "watched-value".into()]),
-        "{seen:?}"
-    );
-    let _ = watch.kill();
-    let _ = watch.wait();
+    check_watch_sees_direct_put(&cluster, &addr, "wkey");
 
     // The lock service (v3lockpb) is forwarded like any other.
     let held = ok(ctl(&cluster, &addr, &["lock", "l1", "echo", "held"]));
@@ -339,9 +258,8 @@ async fn no_reachable_member_is_unavailable() {
 #[test]
 fn unbuilt_features_are_refused() {
     for (flag, name) in [
-        ("--namespace=/ns/", "namespace"),
         ("--cert-file=server.crt", "cert-file"),
-        ("--metrics-addr=http://127.0.0.1:9999", "metrics-addr"),
+        ("--auto-tls", "auto-tls"),
     ] {
         let (code, text) = run_to_exit(&[
             "grpc-proxy",
@@ -356,6 +274,19 @@ fn unbuilt_features_are_refused() {
             "{text}"
         );
     }
+}
+
+#[test]
+fn https_metrics_addr_is_refused() {
+    let (code, text) = run_to_exit(&[
+        "grpc-proxy",
+        "start",
+        "--listen-addr=127.0.0.1:0",
+        "--endpoints=127.0.0.1:1",
+        "--metrics-addr=https://127.0.0.1:9999",
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("https is not supported yet"), "{text}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! The request path: choose a handler for a call by its gRPC method path, and the handler every
-//! call gets today, [`Handler::Forward`], which relays it to etcd as bytes.
+//! The request path: choose a handler for a call by its gRPC method path, and the handler most
+//! calls get, [`Handler::Forward`], which relays it to etcd as bytes. With `--namespace`, the
+//! methods with keys go to [`Handler::Rewrite`] ([`crate::rewrite`]) instead.
 //!
 //! Forwarding keeps everything etcd and the client say to each other: headers and metadata
 //! (auth `token`, `hasleader`, `grpc-timeout`), the streaming body in both directions, and
@@ -8,12 +9,14 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 
+use crate::rewrite::{self, Method, RequestBody, ResponseStream, Rewriter};
 use crate::upstream::Upstream;
 
 /// gRPC's `UNAVAILABLE`: clients treat it as "try again / another endpoint".
@@ -24,25 +27,38 @@ const UNAVAILABLE: u16 = 14;
 pub enum Handler {
     /// Relay the call to a member unchanged.
     Forward,
+    /// Relay the call with its keys rewritten ([`crate::rewrite`]): the keyed methods when a
+    /// namespace is set.
+    Rewrite(Method),
 }
 
-/// Chooses the handler for a call by its path (`/etcdserverpb.KV/Range`, ...). Methods that need
-/// decoding (namespace, cache, watch coalescing) will get their own handlers here; everything
-/// else, including methods this proxy has never heard of, is forwarded.
-pub fn route(path: &str) -> Handler {
-    let _ = path;
-    Handler::Forward
+/// Chooses the handler for a call by its path (`/etcdserverpb.KV/Range`, ...). With a namespace
+/// (`namespaced`), methods with keys are rewritten; everything else, including methods this
+/// proxy has never heard of, is forwarded.
+pub fn route(path: &str, namespaced: bool) -> Handler {
+    if !namespaced {
+        return Handler::Forward;
+    }
+    match Method::from_path(path) {
+        Some(method) => Handler::Rewrite(method),
+        None => Handler::Forward,
+    }
 }
 
-/// Serves one call.
-pub async fn handle(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
-    match route(req.uri().path()) {
-        Handler::Forward => forward(upstream, req).await,
+/// Serves one call; `rewriter` is set when calls may need rewriting (`--namespace`).
+pub async fn handle(
+    upstream: &Upstream,
+    rewriter: Option<&Arc<Rewriter>>,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    match (route(req.uri().path(), rewriter.is_some()), rewriter) {
+        (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
+        _ => forward(upstream, req).await,
     }
 }
 
 async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
-    match upstream.send(req).await {
+    match upstream.send(req.map(RequestBody::Client)).await {
         Ok(resp) => resp.map(|inner| ResponseBody::Upstream {
             inner,
             failed: false,
@@ -69,6 +85,8 @@ pub enum ResponseBody {
     },
     /// No body: the status is in the response headers.
     Empty,
+    /// etcd's body with its messages rewritten.
+    Rewritten(ResponseStream),
 }
 
 impl Body for ResponseBody {
@@ -81,6 +99,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
             ResponseBody::Upstream { inner, failed } => {
                 if *failed {
                     return Poll::Ready(None);
@@ -105,6 +124,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Empty => true,
+            ResponseBody::Rewritten(stream) => stream.is_end_stream(),
             ResponseBody::Upstream { inner, failed } => *failed || inner.is_end_stream(),
         }
     }
@@ -112,6 +132,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Rewritten(_) => SizeHint::default(),
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
@@ -127,7 +148,7 @@ pub fn status_response(code: u16, message: &str) -> Response<ResponseBody> {
     resp
 }
 
-fn status_headers(code: u16, message: &str) -> HeaderMap {
+pub(crate) fn status_headers(code: u16, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(2);
     headers.insert("grpc-status", HeaderValue::from(code));
     // Percent-encoding leaves only visible ASCII, which is always a valid header value.
@@ -155,7 +176,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_method_is_forwarded_for_now() {
+    fn keyed_methods_are_rewritten_only_with_a_namespace() {
+        for path in [
+            "/etcdserverpb.KV/Range",
+            "/etcdserverpb.KV/Txn",
+            "/etcdserverpb.Watch/Watch",
+            "/etcdserverpb.Lease/LeaseTimeToLive",
+            "/v3lockpb.Lock/Lock",
+            "/v3electionpb.Election/Observe",
+        ] {
+            assert!(matches!(route(path, true), Handler::Rewrite(_)), "{path}");
+            assert_eq!(route(path, false), Handler::Forward, "{path}");
+        }
+        for path in [
+            "/etcdserverpb.KV/Compact",
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            "/etcdserverpb.Maintenance/Snapshot",
+            "/no.such.Service/Method",
+        ] {
+            assert_eq!(route(path, true), Handler::Forward, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_method_is_forwarded_without_a_namespace() {
         for path in [
             "/etcdserverpb.KV/Range",
             "/etcdserverpb.Watch/Watch",
@@ -164,7 +208,7 @@ mod tests {
             "/no.such.Service/Method",
             "",
         ] {
-            assert_eq!(route(path), Handler::Forward, "{path}");
+            assert_eq!(route(path, false), Handler::Forward, "{path}");
         }
     }
 

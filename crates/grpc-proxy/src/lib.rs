@@ -7,25 +7,38 @@
 //! client (etcd's proxy turns many of them into `Unknown`), and a call costs little CPU.
 //! Features that must look inside a call (namespace, cache, watch coalescing) will be handlers
 //! chosen by [`forward::route`] in front of that fallback.
+//!
+//! The same port also answers plain HTTP (1.1 or 2) for health and metrics ([`admin`]); a
+//! request is gRPC when its content type says so.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod forward;
+pub mod metrics;
+pub mod namespace;
+pub mod rewrite;
 pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backend::Endpoint;
-use hyper::server::conn::http2;
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
+use crate::metrics::{Counted, Metrics};
 use crate::upstream::Upstream;
 
 /// How the proxy is set up. [`Config::new`] gives etcd's defaults for everything but the
@@ -61,6 +74,13 @@ pub struct Config {
     /// After the shutdown future resolves: how long open client connections may finish their
     /// calls (watches never finish on their own) before they are closed.
     pub drain_timeout: Duration,
+    /// How often each member is probed for an answer (a stopped member keeps its connections
+    /// open); a member that fails gets no new calls until a probe succeeds. Zero turns it off.
+    pub health_check_interval: Duration,
+    /// `--namespace`: the prefix every client key goes under; `None` for none.
+    pub namespace: Option<namespace::Namespace>,
+    /// Largest messages the proxy decodes, where it must look inside a call (namespace).
+    pub rewrite_limits: rewrite::Limits,
 }
 
 impl Config {
@@ -78,6 +98,9 @@ impl Config {
             keepalive_interval: Some(Duration::from_secs(2 * 60 * 60)),
             keepalive_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(5),
+            health_check_interval: Duration::from_secs(5),
+            namespace: None,
+            rewrite_limits: rewrite::Limits::default(),
         }
     }
 }
@@ -85,11 +108,49 @@ impl Config {
 /// Serves gRPC clients on `listener` until `shutdown` resolves, then stops accepting, lets open
 /// calls finish for [`Config::drain_timeout`], closes what is left and returns.
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    serve_with_metrics(listener, None, config, shutdown).await;
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// gRPC and the HTTP endpoints (`--listen-addr`).
+    Main,
+    /// The HTTP endpoints only (`--metrics-addr`).
+    Metrics,
+}
+
+/// Shared by every connection.
+struct State {
+    admin: Admin,
+    /// Set with `--namespace`.
+    rewriter: Option<Arc<rewrite::Rewriter>>,
+}
+
+/// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) {
     let stop_upstream = CancellationToken::new();
     let upstream = Upstream::start(&config, stop_upstream.clone());
+    let rewriter = rewrite::Rewriter::from_config(&config);
+    let state = Arc::new(State {
+        rewriter,
+        admin: Admin {
+            upstream,
+            metrics: Arc::new(Metrics::new()),
+            self_addr: dialable(&listener),
+            dial_timeout: config.dial_timeout,
+        },
+    });
 
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
     builder
+        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.max_concurrent_streams)
         // Grows the windows with the measured bandwidth-delay product, as grpc-go does, so a
@@ -104,51 +165,30 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let graceful = CancellationToken::new();
     let hard = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors or a connection reset before accept: neither ends the
-                // server; a short pause keeps an fd shortage from spinning the loop.
-                tracing::warn!(error = %e, "failed to accept a gRPC client connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // gRPC calls are small request/response pairs: Nagle's delay would add latency.
-        let _ = tcp.set_nodelay(true);
-        let upstream = upstream.clone();
-        let builder = builder.clone();
-        let graceful = graceful.clone();
-        let hard = hard.clone();
-        tracker.spawn(async move {
-            let service = service_fn(move |req| {
-                let upstream = upstream.clone();
-                async move { Ok::<_, Infallible>(forward::handle(&upstream, req).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = graceful.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = hard.cancelled() => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "gRPC client connection ended with an error");
-            }
-        });
+    if let Some(metrics_listener) = metrics_listener {
+        let stop = graceful.clone();
+        tracker.spawn(accept_loop(
+            metrics_listener,
+            Port::Metrics,
+            state.clone(),
+            builder.clone(),
+            graceful.clone(),
+            hard.clone(),
+            tracker.clone(),
+            async move { stop.cancelled().await },
+        ));
     }
-    drop(listener);
+    accept_loop(
+        listener,
+        Port::Main,
+        state,
+        builder,
+        graceful.clone(),
+        hard.clone(),
+        tracker.clone(),
+        shutdown,
+    )
+    .await;
     graceful.cancel();
     tracker.close();
     if tokio::time::timeout(config.drain_timeout, tracker.wait())
@@ -163,4 +203,94 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         tracker.wait().await;
     }
     stop_upstream.cancel();
+}
+
+/// Where the proxy can call itself: the listener's address, with a wildcard IP made loopback.
+fn dialable(listener: &TcpListener) -> SocketAddr {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+/// The response body of either side of the port.
+type Body = Either<Counted<forward::ResponseBody>, admin::HttpBody>;
+
+async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Body> {
+    if port == Port::Main && admin::is_grpc(&req) {
+        let tracker = state.admin.metrics.start_call(req.uri().path());
+        let resp = forward::handle(&state.admin.upstream, state.rewriter.as_ref(), req).await;
+        let (parts, body) = resp.into_parts();
+        let body = Counted::new(body, &parts.headers, tracker);
+        Response::from_parts(parts, Either::Left(body))
+    } else {
+        admin::handle(&state.admin, req).await.map(Either::Right)
+    }
+}
+
+/// Accepts connections on `listener` until `stop` resolves; each is served in a task of
+/// `tracker` until it ends, `graceful` asks it to finish, or `hard` drops it.
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop(
+    listener: TcpListener,
+    port: Port,
+    state: Arc<State>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: CancellationToken,
+    hard: CancellationToken,
+    tracker: TaskTracker,
+    stop: impl Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors or a connection reset before accept: neither ends the
+                // server; a short pause keeps an fd shortage from spinning the loop.
+                tracing::warn!(error = %e, "failed to accept a client connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // gRPC calls are small request/response pairs: Nagle's delay would add latency.
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let graceful = graceful.clone();
+        let hard = hard.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, port, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = graceful.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        () = hard.cancelled() => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
 }

@@ -5,9 +5,14 @@
 //! fail over from a dead endpoint): a call goes round-robin to the next connected member, and a
 //! call that could not even be handed to a connection moves on to the next one. A call that may
 //! have reached etcd is never sent twice: only the client knows whether repeating it is safe.
+//!
+//! Connected is not the same as answering: a stopped (SIGSTOP) or wedged member keeps its TCP
+//! connections and HTTP/2 streams open but never replies. So each member is also probed every
+//! [`Config::health_check_interval`] with [`backend::probe::probe`]; a member that fails is
+//! skipped by new calls until a probe succeeds again.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backend::Endpoint;
@@ -22,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::rewrite::RequestBody;
 
 /// First pause before reconnecting to a member that failed.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -52,22 +58,24 @@ struct Member {
     endpoint: Endpoint,
     name: String,
     authority: Authority,
+    /// False while the member's last probe failed: new calls skip it.
+    active: AtomicBool,
 }
 
 /// One connection slot: the sender of the live connection, `None` while (re)connecting.
 struct Slot {
     member: usize,
     // Held only to clone or replace the sender (an Arc and a channel handle): never across await.
-    sender: Mutex<Option<SendRequest<Incoming>>>,
+    sender: Mutex<Option<SendRequest<RequestBody>>>,
 }
 
 impl Slot {
-    fn ready_sender(&self) -> Option<SendRequest<Incoming>> {
+    fn ready_sender(&self) -> Option<SendRequest<RequestBody>> {
         let guard = self.sender.lock().ok()?;
         guard.as_ref().filter(|s| s.is_ready()).cloned()
     }
 
-    fn set(&self, sender: Option<SendRequest<Incoming>>) {
+    fn set(&self, sender: Option<SendRequest<RequestBody>>) {
         if let Ok(mut guard) = self.sender.lock() {
             *guard = sender;
         }
@@ -101,6 +109,7 @@ impl Upstream {
                         endpoint: ep.clone(),
                         name,
                         authority,
+                        active: AtomicBool::new(true),
                     }),
                     Err(e) => {
                         tracing::warn!(endpoint = %name, error = %e, "skipping an endpoint that is not a valid authority");
@@ -147,41 +156,83 @@ impl Upstream {
                 stop.clone(),
             ));
         }
+        if !config.health_check_interval.is_zero() {
+            let tls_probe = backend::tls::probe_client_config();
+            for member in 0..upstream.members.len() {
+                tokio::spawn(monitor(
+                    upstream.clone(),
+                    member,
+                    config.health_check_interval,
+                    config.dial_timeout,
+                    tls_probe.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
         upstream
+    }
+
+    /// The members to try for a call made by the proxy itself (health, `/metrics`): the ones
+    /// whose probe passes first, starting at the next round-robin position, then the others.
+    pub fn members_in_order(&self) -> Vec<Endpoint> {
+        let n = self.members.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let rotated = (0..n).map(|k| &self.members[(start + k) % n]);
+        let (active, inactive): (Vec<&Member>, Vec<&Member>) =
+            rotated.partition(|m| m.active.load(Ordering::Acquire));
+        active
+            .into_iter()
+            .chain(inactive)
+            .map(|m| m.endpoint.clone())
+            .collect()
     }
 
     /// Sends `req` to the next member that can take it, and returns etcd's response head (its
     /// body and trailers stream on). A call refused by a connection before anything was sent
     /// moves on to the next member; when no member is connected, waits up to
     /// [`Config::connect_wait`] for one.
-    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
         let total = self.slots.len();
         let mut waited = false;
         loop {
             let start = self.next.fetch_add(1, Ordering::Relaxed);
-            for i in 0..total {
-                let slot = &self.slots[(start + i) % total];
-                let Some(mut sender) = slot.ready_sender() else {
-                    continue;
-                };
-                let member = &self.members[slot.member];
-                set_authority(&mut req, &member.authority);
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(mut err) => match err.take_message() {
-                        // The connection closed before the call was written: nothing reached
-                        // etcd, so the next member may have it.
-                        Some(back) => {
-                            tracing::debug!(member = %member.name, error = %err.error(), "connection refused a call before sending it; trying the next member");
-                            req = back;
-                        }
-                        None => {
-                            return Err(SendError::Failed {
-                                member: member.name.clone(),
-                                source: err.into_error(),
-                            });
-                        }
-                    },
+            // First pass: members whose probe passes. Second pass: the others, as a last
+            // resort: a probe can be wrong (a slow answer), and trying them beats failing the
+            // call when nothing else is connected.
+            for last_resort in [false, true] {
+                for i in 0..total {
+                    let slot = &self.slots[(start + i) % total];
+                    let member = &self.members[slot.member];
+                    if member.is_active() == last_resort {
+                        continue;
+                    }
+                    let Some(mut sender) = slot.ready_sender() else {
+                        continue;
+                    };
+                    set_authority(&mut req, &member.authority);
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp),
+                        Err(mut err) => match err.take_message() {
+                            // The connection closed before the call was written: nothing
+                            // reached etcd, so the next member may have it.
+                            Some(back) => {
+                                tracing::debug!(member = %member.name, error = %err.error(), "connection refused a call before sending it; trying the next member");
+                                req = back;
+                            }
+                            None => {
+                                return Err(SendError::Failed {
+                                    member: member.name.clone(),
+                                    source: err.into_error(),
+                                });
+                            }
+                        },
+                    }
                 }
             }
             if waited || self.connect_wait.is_zero() || total == 0 {
@@ -199,8 +250,51 @@ impl Upstream {
     }
 }
 
+impl Member {
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// Probes member `index` every `interval` (each probe may take up to `timeout`), taking it out
+/// of the rotation when a probe fails and putting it back when one succeeds. Only transitions
+/// are logged.
+async fn monitor(
+    upstream: Arc<Upstream>,
+    index: usize,
+    interval: Duration,
+    timeout: Duration,
+    tls_probe: Arc<rustls::ClientConfig>,
+    stop: CancellationToken,
+) {
+    let member = &upstream.members[index];
+    let dns = backend::dns::Dns::system();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = backend::probe::probe(&dns, &member.endpoint, timeout, &tls_probe) => r,
+        };
+        match result {
+            Ok(()) => {
+                if !member.active.swap(true, Ordering::AcqRel) {
+                    tracing::info!(endpoint = %member.name, "activated endpoint");
+                }
+            }
+            Err(e) => {
+                if member.active.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(endpoint = %member.name, error = %e, "deactivated endpoint");
+                }
+            }
+        }
+    }
+}
+
 /// Points the call at `authority` over plain HTTP, keeping its path.
-fn set_authority(req: &mut Request<Incoming>, authority: &Authority) {
+fn set_authority(req: &mut Request<RequestBody>, authority: &Authority) {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority.clone());
@@ -281,7 +375,7 @@ async fn maintain(
     }
 }
 
-type Connection = http2::Connection<TokioIo<TcpStream>, Incoming, TokioExecutor>;
+type Connection = http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>;
 
 /// Why a connection to a member could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -298,7 +392,7 @@ async fn connect(
     endpoint: &Endpoint,
     builder: &http2::Builder<TokioExecutor>,
     dial_timeout: Duration,
-) -> Result<(SendRequest<Incoming>, Connection), ConnectError> {
+) -> Result<(SendRequest<RequestBody>, Connection), ConnectError> {
     let dial = async {
         let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
         tcp.set_nodelay(true)?;
