@@ -37,6 +37,19 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         positive("--grpc-keepalive-interval", args.grpc_keepalive_interval)?;
     config.keepalive_timeout = positive("--grpc-keepalive-timeout", args.grpc_keepalive_timeout)?
         .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
+    config.advertise_client_url = args.advertise_client_url.clone();
+    config.hostname = hostname();
+    // `validate` has checked that the prefix comes with a TTL of at least 1 and an advertise URL.
+    if !args.resolver_prefix.is_empty() {
+        config.resolver = Some(grpc_proxy::cluster::Resolver {
+            prefix: args.resolver_prefix.clone(),
+            ttl: args.resolver_ttl,
+        });
+    }
+    config.auto_sync_interval = positive(
+        "--endpoints-auto-sync-interval",
+        args.endpoints_auto_sync_interval,
+    )?;
 
     let listener = TcpListener::bind(args.listen_addr.as_str())
         .await
@@ -76,6 +89,15 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
     Ok(())
 }
 
+/// The host name (Go's `os.Hostname`), for the registration metadata; empty if unknown.
+fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Refuses flags set to a non-default value whose feature does not exist yet.
 fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
     let d = GrpcProxyStartArgs::default();
@@ -89,12 +111,6 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
             "insecure-discovery",
             args.insecure_discovery != d.insecure_discovery,
         ),
-        (
-            "endpoints-auto-sync-interval",
-            args.endpoints_auto_sync_interval != d.endpoints_auto_sync_interval,
-        ),
-        ("resolver-prefix", args.resolver_prefix != d.resolver_prefix),
-        ("resolver-ttl", args.resolver_ttl != d.resolver_ttl),
         ("enable-pprof", args.enable_pprof != d.enable_pprof),
         ("max-send-bytes", args.max_send_bytes != d.max_send_bytes),
         ("max-recv-bytes", args.max_recv_bytes != d.max_recv_bytes),
@@ -222,6 +238,9 @@ mod tests {
                 "--dial-keepalive-time=10s",
                 "--permit-without-stream",
                 "--advertise-client-url=127.0.0.1:1",
+                "--resolver-prefix=p",
+                "--resolver-ttl=5",
+                "--endpoints-auto-sync-interval=1m",
             ]))
             .is_ok()
         );
@@ -232,10 +251,6 @@ mod tests {
         for (flag, name) in [
             ("--cert-file=x.crt", "cert-file"),
             ("--auto-tls", "auto-tls"),
-            (
-                "--endpoints-auto-sync-interval=1m",
-                "endpoints-auto-sync-interval",
-            ),
             (
                 "--experimental-leasing-prefix=l",
                 "experimental-leasing-prefix",

@@ -298,6 +298,26 @@ async fn namespace_covers_leases_locks_and_elections() {
     let cluster = Cluster::start(3).await;
     let (_p, addr) = namespaced_proxy(&cluster);
 
+    // A snapshot is the whole keyspace: refused, with a reason, and no file is written.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("snap.db");
+    let out = ctl(
+        &cluster,
+        &addr,
+        &["snapshot", "save", file.to_str().expect("utf-8 path")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "snapshot through a namespaced proxy succeeded"
+    );
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains("not available through a namespaced proxy"),
+        "{err}"
+    );
+    assert!(!file.exists());
+
     // A lease holding keys in and out of the namespace lists only its own, stripped.
     let granted = ok(ctl(&cluster, &addr, &["lease", "grant", "60"]));
     let id = granted

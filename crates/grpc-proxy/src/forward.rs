@@ -30,7 +30,16 @@ pub enum Handler {
     /// Relay the call with its keys rewritten ([`crate::rewrite`]): the keyed methods when a
     /// namespace is set.
     Rewrite(Method),
+    /// Answer with this gRPC status without asking etcd: calls that would show a namespaced
+    /// client what lies outside its namespace.
+    Refuse(u16, &'static str),
 }
+
+/// A snapshot is the whole keyspace, so it cannot be served to a client confined to a prefix.
+const SNAPSHOT_PATH: &str = "/etcdserverpb.Maintenance/Snapshot";
+const SNAPSHOT_REFUSED: &str = "etcd-proxy: snapshot is not available through a namespaced proxy (it holds keys outside the namespace)";
+/// gRPC's `PERMISSION_DENIED`.
+const PERMISSION_DENIED: u16 = 7;
 
 /// Chooses the handler for a call by its path (`/etcdserverpb.KV/Range`, ...). With a namespace
 /// (`namespaced`), methods with keys are rewritten; everything else, including methods this
@@ -38,6 +47,9 @@ pub enum Handler {
 pub fn route(path: &str, namespaced: bool) -> Handler {
     if !namespaced {
         return Handler::Forward;
+    }
+    if path == SNAPSHOT_PATH {
+        return Handler::Refuse(PERMISSION_DENIED, SNAPSHOT_REFUSED);
     }
     match Method::from_path(path) {
         Some(method) => Handler::Rewrite(method),
@@ -53,6 +65,7 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
         (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
+        (Handler::Refuse(code, message), _) => status_response(code, message),
         _ => forward(upstream, req).await,
     }
 }
@@ -87,6 +100,14 @@ pub enum ResponseBody {
     Empty,
     /// etcd's body with its messages rewritten.
     Rewritten(ResponseStream),
+    /// A whole answer made by the proxy (MemberList under `--resolver-prefix`): one framed
+    /// message, then the trailers.
+    Local {
+        /// The framed message, until sent.
+        message: Option<Bytes>,
+        /// The trailers, until sent.
+        trailers: Option<HeaderMap>,
+    },
 }
 
 impl Body for ResponseBody {
@@ -100,6 +121,12 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
+            ResponseBody::Local { message, trailers } => {
+                if let Some(m) = message.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(m))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
             ResponseBody::Upstream { inner, failed } => {
                 if *failed {
                     return Poll::Ready(None);
@@ -125,6 +152,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => true,
             ResponseBody::Rewritten(stream) => stream.is_end_stream(),
+            ResponseBody::Local { message, trailers } => message.is_none() && trailers.is_none(),
             ResponseBody::Upstream { inner, failed } => *failed || inner.is_end_stream(),
         }
     }
@@ -132,7 +160,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
-            ResponseBody::Rewritten(_) => SizeHint::default(),
+            ResponseBody::Rewritten(_) | ResponseBody::Local { .. } => SizeHint::default(),
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
@@ -191,11 +219,19 @@ mod tests {
         for path in [
             "/etcdserverpb.KV/Compact",
             "/etcdserverpb.Lease/LeaseKeepAlive",
-            "/etcdserverpb.Maintenance/Snapshot",
             "/no.such.Service/Method",
         ] {
             assert_eq!(route(path, true), Handler::Forward, "{path}");
         }
+    }
+
+    #[test]
+    fn a_namespaced_client_cannot_take_a_snapshot_of_the_whole_keyspace() {
+        assert_eq!(
+            route(SNAPSHOT_PATH, true),
+            Handler::Refuse(PERMISSION_DENIED, SNAPSHOT_REFUSED)
+        );
+        assert_eq!(route(SNAPSHOT_PATH, false), Handler::Forward);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod forward;
 pub mod metrics;
 pub mod namespace;
@@ -81,6 +82,16 @@ pub struct Config {
     pub namespace: Option<namespace::Namespace>,
     /// Largest messages the proxy decodes, where it must look inside a call (namespace).
     pub rewrite_limits: rewrite::Limits,
+    /// `--advertise-client-url`: the address this proxy registers under `--resolver-prefix`.
+    pub advertise_client_url: String,
+    /// This host's name, put in the registration value's metadata as etcd does.
+    pub hostname: String,
+    /// `--resolver-prefix` and `--resolver-ttl`: register this proxy and answer MemberList
+    /// with the registered proxies; `None` passes MemberList through to etcd.
+    pub resolver: Option<cluster::Resolver>,
+    /// `--endpoints-auto-sync-interval`: how often the members are refreshed from etcd's
+    /// MemberList; `None` never.
+    pub auto_sync_interval: Option<Duration>,
 }
 
 impl Config {
@@ -101,6 +112,10 @@ impl Config {
             health_check_interval: Duration::from_secs(5),
             namespace: None,
             rewrite_limits: rewrite::Limits::default(),
+            advertise_client_url: "127.0.0.1:23790".to_string(),
+            hostname: String::new(),
+            resolver: None,
+            auto_sync_interval: None,
         }
     }
 }
@@ -125,6 +140,8 @@ struct State {
     admin: Admin,
     /// Set with `--namespace`.
     rewriter: Option<Arc<rewrite::Rewriter>>,
+    /// Set with `--resolver-prefix`: answers MemberList.
+    member_list: Option<Arc<cluster::Cluster>>,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -137,8 +154,12 @@ pub async fn serve_with_metrics(
     let stop_upstream = CancellationToken::new();
     let upstream = Upstream::start(&config, stop_upstream.clone());
     let rewriter = rewrite::Rewriter::from_config(&config);
+    let cluster = cluster::Cluster::new(&config, upstream.clone());
+    let stop_cluster = CancellationToken::new();
+    let cluster_task = cluster.start(config.auto_sync_interval, stop_cluster.clone());
     let state = Arc::new(State {
         rewriter,
+        member_list: cluster.answers_member_list().then(|| cluster.clone()),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -189,6 +210,8 @@ pub async fn serve_with_metrics(
         shutdown,
     )
     .await;
+    // Revoke the registration first, so clients stop being sent here while connections drain.
+    stop_cluster.cancel();
     graceful.cancel();
     tracker.close();
     if tokio::time::timeout(config.drain_timeout, tracker.wait())
@@ -202,6 +225,9 @@ pub async fn serve_with_metrics(
         hard.cancel();
         tracker.wait().await;
     }
+    // Bounded: a registration attempt in flight against unreachable members must not hold the
+    // exit; its lease then expires after the TTL.
+    let _ = tokio::time::timeout(config.dial_timeout, cluster_task).await;
     stop_upstream.cancel();
 }
 
@@ -227,7 +253,12 @@ type Body = Either<Counted<forward::ResponseBody>, admin::HttpBody>;
 async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Body> {
     if port == Port::Main && admin::is_grpc(&req) {
         let tracker = state.admin.metrics.start_call(req.uri().path());
-        let resp = forward::handle(&state.admin.upstream, state.rewriter.as_ref(), req).await;
+        let resp = match &state.member_list {
+            Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
+                cluster.member_list(req).await
+            }
+            _ => forward::handle(&state.admin.upstream, state.rewriter.as_ref(), req).await,
+        };
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);
         Response::from_parts(parts, Either::Left(body))

@@ -10,9 +10,14 @@
 //! connections and HTTP/2 streams open but never replies. So each member is also probed every
 //! [`Config::health_check_interval`] with [`backend::probe::probe`]; a member that fails is
 //! skipped by new calls until a probe succeeds again.
+//!
+//! The member set can change at run time (`--endpoints-auto-sync-interval`,
+//! [`Upstream::set_endpoints`]): it is an immutable snapshot swapped whole, so a call reads it
+//! with one short read lock and never holds a lock across an await. Members that stay keep their
+//! connections; a member that leaves has its tasks stopped and its connections closed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend::Endpoint;
@@ -60,11 +65,15 @@ struct Member {
     authority: Authority,
     /// False while the member's last probe failed: new calls skip it.
     active: AtomicBool,
+    /// Cancelled when the member leaves the set (auto-sync): ends its connection and probe tasks.
+    stop: CancellationToken,
 }
 
 /// One connection slot: the sender of the live connection, `None` while (re)connecting.
 struct Slot {
-    member: usize,
+    member: Arc<Member>,
+    /// Which of the member's connections this is (for logs).
+    connection: usize,
     // Held only to clone or replace the sender (an Arc and a channel handle): never across await.
     sender: Mutex<Option<SendRequest<RequestBody>>>,
 }
@@ -82,64 +91,59 @@ impl Slot {
     }
 }
 
-/// Every member's connections, and the round-robin position.
-pub struct Upstream {
-    members: Vec<Member>,
+/// The members at one moment. Replaced whole when auto-sync changes the members, so a call
+/// works on one consistent snapshot without holding a lock.
+struct MemberSet {
+    members: Vec<Arc<Member>>,
     /// Connection `c` of member `m` is at `c * members.len() + m`, so consecutive positions are
     /// different members: round-robin over the slots is round-robin over members.
-    slots: Vec<Slot>,
+    slots: Vec<Arc<Slot>>,
+    names: String,
+}
+
+/// What is needed to start the tasks of a member that joins later.
+struct Spawner {
+    builder: http2::Builder<TokioExecutor>,
+    dial_timeout: Duration,
+    per_member: usize,
+    health_check_interval: Duration,
+    tls_probe: Arc<rustls::ClientConfig>,
+    stop: CancellationToken,
+}
+
+/// Every member's connections, and the round-robin position.
+pub struct Upstream {
+    /// The current members. The lock is held only to clone or swap the `Arc` (never across an
+    /// await), so a call pays one uncontended read lock.
+    set: RwLock<Arc<MemberSet>>,
     next: AtomicUsize,
     /// Bumped each time a connection comes up: wakes calls waiting for a member.
     connected: watch::Sender<u64>,
     connect_wait: Duration,
-    names: String,
+    spawner: Spawner,
+}
+
+fn new_member(ep: &Endpoint, stop: &CancellationToken) -> Option<Arc<Member>> {
+    let name = ep.to_string();
+    match Authority::try_from(name.as_str()) {
+        Ok(authority) => Some(Arc::new(Member {
+            endpoint: ep.clone(),
+            name,
+            authority,
+            active: AtomicBool::new(true),
+            stop: stop.child_token(),
+        })),
+        Err(e) => {
+            tracing::warn!(endpoint = %name, error = %e, "skipping an endpoint that is not a valid authority");
+            None
+        }
+    }
 }
 
 impl Upstream {
     /// Builds the member set and starts one task per connection that connects, and reconnects
     /// with backoff whenever the connection fails, until `stop` is cancelled.
-    pub fn start(config: &Config, stop: CancellationToken) -> std::sync::Arc<Upstream> {
-        let members: Vec<Member> = config
-            .endpoints
-            .iter()
-            .filter_map(|ep| {
-                let name = ep.to_string();
-                match Authority::try_from(name.as_str()) {
-                    Ok(authority) => Some(Member {
-                        endpoint: ep.clone(),
-                        name,
-                        authority,
-                        active: AtomicBool::new(true),
-                    }),
-                    Err(e) => {
-                        tracing::warn!(endpoint = %name, error = %e, "skipping an endpoint that is not a valid authority");
-                        None
-                    }
-                }
-            })
-            .collect();
-        let per_member = config.connections_per_member.max(1);
-        let slots = (0..per_member)
-            .flat_map(|_| 0..members.len())
-            .map(|member| Slot {
-                member,
-                sender: Mutex::new(None),
-            })
-            .collect();
-        let names = members
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let upstream = std::sync::Arc::new(Upstream {
-            members,
-            slots,
-            next: AtomicUsize::new(0),
-            connected: watch::Sender::new(0),
-            connect_wait: config.connect_wait,
-            names,
-        });
-
+    pub fn start(config: &Config, stop: CancellationToken) -> Arc<Upstream> {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -147,41 +151,151 @@ impl Upstream {
             .keep_alive_interval(config.dial_keepalive_time)
             .keep_alive_timeout(config.dial_keepalive_timeout)
             .keep_alive_while_idle(config.permit_without_stream);
-        for index in 0..upstream.slots.len() {
+        let spawner = Spawner {
+            builder,
+            dial_timeout: config.dial_timeout,
+            per_member: config.connections_per_member.max(1),
+            health_check_interval: config.health_check_interval,
+            tls_probe: backend::tls::probe_client_config(),
+            stop,
+        };
+        let mut members: Vec<Arc<Member>> = Vec::new();
+        for ep in &config.endpoints {
+            if members.iter().any(|m| m.name == ep.to_string()) {
+                continue;
+            }
+            members.extend(new_member(ep, &spawner.stop));
+        }
+        let set = layout(members, &[], spawner.per_member);
+        let upstream = Arc::new(Upstream {
+            set: RwLock::new(Arc::new(MemberSet {
+                members: Vec::new(),
+                slots: Vec::new(),
+                names: String::new(),
+            })),
+            next: AtomicUsize::new(0),
+            connected: watch::Sender::new(0),
+            connect_wait: config.connect_wait,
+            spawner,
+        });
+        upstream.spawn_tasks(&set.members, &set.slots);
+        *upstream.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        upstream
+    }
+
+    /// Starts the connection tasks of `slots` and the probes of `members`.
+    fn spawn_tasks(self: &Arc<Self>, members: &[Arc<Member>], slots: &[Arc<Slot>]) {
+        let sp = &self.spawner;
+        for slot in slots {
             tokio::spawn(maintain(
-                upstream.clone(),
-                index,
-                builder.clone(),
-                config.dial_timeout,
-                stop.clone(),
+                self.clone(),
+                slot.clone(),
+                sp.builder.clone(),
+                sp.dial_timeout,
             ));
         }
-        if !config.health_check_interval.is_zero() {
-            let tls_probe = backend::tls::probe_client_config();
-            for member in 0..upstream.members.len() {
+        if !sp.health_check_interval.is_zero() {
+            for member in members {
                 tokio::spawn(monitor(
-                    upstream.clone(),
-                    member,
-                    config.health_check_interval,
-                    config.dial_timeout,
-                    tls_probe.clone(),
-                    stop.clone(),
+                    member.clone(),
+                    sp.health_check_interval,
+                    sp.dial_timeout,
+                    sp.tls_probe.clone(),
                 ));
             }
         }
-        upstream
+    }
+
+    fn snapshot(&self) -> Arc<MemberSet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the member set with `endpoints` (auto-sync): members that stay keep their
+    /// connections and health, new ones are connected, gone ones are closed (their open calls
+    /// end). An empty list changes nothing, so a bad sync never leaves the proxy without
+    /// members. Returns the names added and removed, `None` when nothing changed.
+    pub fn set_endpoints(
+        self: &Arc<Self>,
+        endpoints: &[Endpoint],
+    ) -> Option<(Vec<String>, Vec<String>)> {
+        let mut wanted: Vec<&Endpoint> = Vec::new();
+        for ep in endpoints {
+            if !wanted.iter().any(|w| w.to_string() == ep.to_string()) {
+                wanted.push(ep);
+            }
+        }
+        if wanted.is_empty() {
+            return None;
+        }
+        let (added, removed, new_members, new_slots) = {
+            let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+            let old = guard.clone();
+            let names: Vec<String> = wanted.iter().map(|e| e.to_string()).collect();
+            let removed: Vec<Arc<Member>> = old
+                .members
+                .iter()
+                .filter(|m| !names.contains(&m.name))
+                .cloned()
+                .collect();
+            let mut members: Vec<Arc<Member>> = old
+                .members
+                .iter()
+                .filter(|m| names.contains(&m.name))
+                .cloned()
+                .collect();
+            let mut new_members = Vec::new();
+            for ep in wanted {
+                if members.iter().any(|m| m.name == ep.to_string()) {
+                    continue;
+                }
+                if let Some(m) = new_member(ep, &self.spawner.stop) {
+                    new_members.push(m.clone());
+                    members.push(m);
+                }
+            }
+            if new_members.is_empty() && removed.is_empty() {
+                return None;
+            }
+            if members.is_empty() {
+                // Every wanted endpoint was invalid: keep what works.
+                return None;
+            }
+            let set = layout(members, &old.slots, self.spawner.per_member);
+            let new_slots: Vec<Arc<Slot>> = set
+                .slots
+                .iter()
+                .filter(|s| new_members.iter().any(|m| Arc::ptr_eq(m, &s.member)))
+                .cloned()
+                .collect();
+            *guard = Arc::new(set);
+            (
+                new_members
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect::<Vec<_>>(),
+                removed,
+                new_members,
+                new_slots,
+            )
+        };
+        for m in &removed {
+            m.stop.cancel();
+        }
+        self.spawn_tasks(&new_members, &new_slots);
+        Some((added, removed.iter().map(|m| m.name.clone()).collect()))
     }
 
     /// The members to try for a call made by the proxy itself (health, `/metrics`): the ones
     /// whose probe passes first, starting at the next round-robin position, then the others.
     pub fn members_in_order(&self) -> Vec<Endpoint> {
-        let n = self.members.len();
+        let set = self.snapshot();
+        let n = set.members.len();
         if n == 0 {
             return Vec::new();
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let rotated = (0..n).map(|k| &self.members[(start + k) % n]);
-        let (active, inactive): (Vec<&Member>, Vec<&Member>) =
+        let rotated = (0..n).map(|k| &set.members[(start + k) % n]);
+        let (active, inactive): (Vec<&Arc<Member>>, Vec<&Arc<Member>>) =
             rotated.partition(|m| m.active.load(Ordering::Acquire));
         active
             .into_iter()
@@ -198,17 +312,18 @@ impl Upstream {
         &self,
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        let total = self.slots.len();
         let mut waited = false;
         loop {
+            let set = self.snapshot();
+            let total = set.slots.len();
             let start = self.next.fetch_add(1, Ordering::Relaxed);
             // First pass: members whose probe passes. Second pass: the others, as a last
             // resort: a probe can be wrong (a slow answer), and trying them beats failing the
             // call when nothing else is connected.
             for last_resort in [false, true] {
                 for i in 0..total {
-                    let slot = &self.slots[(start + i) % total];
-                    let member = &self.members[slot.member];
+                    let slot = &set.slots[(start + i) % total];
+                    let member = &slot.member;
                     if member.is_active() == last_resort {
                         continue;
                     }
@@ -236,17 +351,48 @@ impl Upstream {
                 }
             }
             if waited || self.connect_wait.is_zero() || total == 0 {
-                return Err(SendError::NoMember(self.names.clone()));
+                return Err(SendError::NoMember(set.names.clone()));
             }
             waited = true;
             // Subscribe before looking again, so a connection that comes up in between is not
             // missed.
             let mut changed = self.connected.subscribe();
-            if self.slots.iter().any(|s| s.ready_sender().is_some()) {
+            if set.slots.iter().any(|s| s.ready_sender().is_some()) {
                 continue;
             }
             let _ = tokio::time::timeout(self.connect_wait, changed.changed()).await;
         }
+    }
+}
+
+/// The slot layout for `members`, reusing the slots of `old` for members that stay (so their
+/// live connections are kept).
+fn layout(members: Vec<Arc<Member>>, old: &[Arc<Slot>], per_member: usize) -> MemberSet {
+    let mut slots = Vec::with_capacity(per_member * members.len());
+    for connection in 0..per_member {
+        for member in &members {
+            let reused = old
+                .iter()
+                .find(|s| s.connection == connection && Arc::ptr_eq(&s.member, member));
+            slots.push(match reused {
+                Some(s) => s.clone(),
+                None => Arc::new(Slot {
+                    member: member.clone(),
+                    connection,
+                    sender: Mutex::new(None),
+                }),
+            });
+        }
+    }
+    let names = members
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    MemberSet {
+        members,
+        slots,
+        names,
     }
 }
 
@@ -256,18 +402,16 @@ impl Member {
     }
 }
 
-/// Probes member `index` every `interval` (each probe may take up to `timeout`), taking it out
-/// of the rotation when a probe fails and putting it back when one succeeds. Only transitions
-/// are logged.
+/// Probes `member` every `interval` (each probe may take up to `timeout`), taking it out of the
+/// rotation when a probe fails and putting it back when one succeeds, until the member leaves
+/// the set or the proxy stops. Only transitions are logged.
 async fn monitor(
-    upstream: Arc<Upstream>,
-    index: usize,
+    member: Arc<Member>,
     interval: Duration,
     timeout: Duration,
     tls_probe: Arc<rustls::ClientConfig>,
-    stop: CancellationToken,
 ) {
-    let member = &upstream.members[index];
+    let stop = member.stop.clone();
     let dns = backend::dns::Dns::system();
     loop {
         tokio::select! {
@@ -307,19 +451,18 @@ fn set_authority(req: &mut Request<RequestBody>, authority: &Authority) {
     }
 }
 
-/// Keeps slot `index` connected: connect, publish the sender, drive the connection until it
-/// ends, then retry with exponential backoff (jittered so members restarting together are not
-/// hit in lockstep).
+/// Keeps `slot` connected: connect, publish the sender, drive the connection until it ends,
+/// then retry with exponential backoff (jittered so members restarting together are not hit in
+/// lockstep). Ends when the member leaves the set or the proxy stops.
 async fn maintain(
-    upstream: std::sync::Arc<Upstream>,
-    index: usize,
+    upstream: Arc<Upstream>,
+    slot: Arc<Slot>,
     builder: http2::Builder<TokioExecutor>,
     dial_timeout: Duration,
-    stop: CancellationToken,
 ) {
-    let slot = &upstream.slots[index];
-    let member = &upstream.members[slot.member];
-    let connection = index / upstream.members.len().max(1);
+    let member = &slot.member;
+    let stop = member.stop.clone();
+    let connection = slot.connection;
     let mut backoff = MIN_BACKOFF;
     // Only transitions are logged, so a member that stays down does not flood the log.
     let mut down = false;
@@ -401,4 +544,55 @@ async fn connect(
     tokio::time::timeout(dial_timeout, dial)
         .await
         .map_err(|_| ConnectError::Timeout(dial_timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps(ports: &[u16]) -> Vec<Endpoint> {
+        ports
+            .iter()
+            .map(|p| Endpoint::parse(&format!("127.0.0.1:{p}")).unwrap())
+            .collect()
+    }
+
+    fn names(u: &Upstream) -> Vec<String> {
+        let mut n: Vec<String> = u
+            .snapshot()
+            .members
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[tokio::test]
+    async fn member_set_changes_keep_members_that_stay() {
+        let stop = CancellationToken::new();
+        let mut config = Config::new(eps(&[1, 2]));
+        config.health_check_interval = Duration::ZERO;
+        let u = Upstream::start(&config, stop.clone());
+        assert_eq!(u.snapshot().slots.len(), 2 * config.connections_per_member);
+        let kept = u.snapshot().members[1].clone();
+
+        let (added, removed) = u.set_endpoints(&eps(&[2, 3, 3])).expect("a change");
+        assert_eq!(added, ["127.0.0.1:3"]);
+        assert_eq!(removed, ["127.0.0.1:1"]);
+        assert_eq!(names(&u), ["127.0.0.1:2", "127.0.0.1:3"]);
+        let set = u.snapshot();
+        assert!(set.members.iter().any(|m| Arc::ptr_eq(m, &kept)));
+        assert!(!kept.stop.is_cancelled());
+        // Consecutive slots are different members, and every member has its connections.
+        assert_eq!(set.slots.len(), 2 * config.connections_per_member);
+        assert!(!Arc::ptr_eq(&set.slots[0].member, &set.slots[1].member));
+
+        // Same set, or an empty or unusable one: no change, never zero members.
+        assert!(u.set_endpoints(&eps(&[3, 2])).is_none());
+        assert!(u.set_endpoints(&[]).is_none());
+        assert_eq!(names(&u), ["127.0.0.1:2", "127.0.0.1:3"]);
+        stop.cancel();
+        assert!(kept.stop.is_cancelled());
+    }
 }
