@@ -126,7 +126,9 @@ pub async fn run(args: GatewayStartArgs) -> Result<(), ExitError> {
     gw.serve(listener, signal).await;
     stop.cancel();
     if let Some(task) = metrics_task {
-        let _ = task.await;
+        // A scraper that never finishes its request must not keep the process alive: the
+        // metrics listener gets the same drain budget as client connections.
+        let _ = tokio::time::timeout(drain_timeout, task).await;
     }
     Ok(())
 }

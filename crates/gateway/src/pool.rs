@@ -95,6 +95,11 @@ impl Pool {
             }
         }
         let candidates = (0..self.members.len()).filter(|&i| in_class(i)).count();
+        if candidates == 0 {
+            // Another connection's failed dial, or a probe, took the last one out since `best`
+            // was computed: no live member after all, so the caller falls back to the others.
+            return None;
+        }
         let nth = self.next.fetch_add(1, Ordering::Relaxed) % candidates;
         (0..self.members.len()).filter(|&i| in_class(i)).nth(nth)
     }

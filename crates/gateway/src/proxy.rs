@@ -63,11 +63,22 @@ async fn connect(pool: &Pool) -> Option<(usize, TcpStream)> {
 async fn dial(pool: &Pool, i: usize) -> Result<TcpStream, String> {
     let ep = &pool.members[i].endpoint;
     let config = pool.config();
-    let addrs = config
-        .dns
-        .resolve(&ep.host, ep.port)
-        .await
-        .map_err(|e| format!("dial tcp {ep}: {e}"))?;
+    // Name resolution counts against the dial timeout too: a slow resolver must not hold a
+    // client longer than --dial-timeout promises.
+    let addrs = match tokio::time::timeout(
+        config.dial_timeout,
+        config.dns.resolve(&ep.host, ep.port),
+    )
+    .await
+    {
+        Ok(resolved) => resolved.map_err(|e| format!("dial tcp {ep}: {e}"))?,
+        Err(_) => {
+            return Err(format!(
+                "dial tcp {ep}: lookup timed out after {:?}",
+                config.dial_timeout
+            ));
+        }
+    };
     let mut last = String::new();
     for addr in addrs {
         match tokio::time::timeout(config.dial_timeout, TcpStream::connect(addr)).await {

@@ -40,11 +40,20 @@ const SNAPSHOT_PATH: &str = "/etcdserverpb.Maintenance/Snapshot";
 const SNAPSHOT_REFUSED: &str = "etcd-proxy: snapshot is not available through a namespaced proxy (it holds keys outside the namespace)";
 /// gRPC's `PERMISSION_DENIED`.
 const PERMISSION_DENIED: u16 = 7;
+/// gRPC's `UNIMPLEMENTED`, and grpc-go's answer to a method path it cannot parse.
+const UNIMPLEMENTED: u16 = 12;
+const MALFORMED_METHOD: &str = "malformed method name";
 
 /// Chooses the handler for a call by its path (`/etcdserverpb.KV/Range`, ...). With a namespace
 /// (`namespaced`), methods with keys are rewritten; everything else, including methods this
 /// proxy has never heard of, is forwarded.
 pub fn route(path: &str, namespaced: bool) -> Handler {
+    // A `:path` without its leading `/` would match none of the methods below, yet older etcd
+    // (grpc-go before 1.79.3, CVE-2026-33186) still routes it: forwarded as bytes, it would slip
+    // past the namespace rewrite. Refuse it as fixed grpc-go does.
+    if !path.starts_with('/') {
+        return Handler::Refuse(UNIMPLEMENTED, MALFORMED_METHOD);
+    }
     if !namespaced {
         return Handler::Forward;
     }
@@ -226,6 +235,23 @@ mod tests {
     }
 
     #[test]
+    fn a_method_path_without_its_leading_slash_is_refused_in_every_mode() {
+        for namespaced in [true, false] {
+            for path in [
+                "etcdserverpb.KV/Range",
+                "etcdserverpb.Maintenance/Snapshot",
+                "",
+            ] {
+                assert_eq!(
+                    route(path, namespaced),
+                    Handler::Refuse(UNIMPLEMENTED, MALFORMED_METHOD),
+                    "{path:?} namespaced={namespaced}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_namespaced_client_cannot_take_a_snapshot_of_the_whole_keyspace() {
         assert_eq!(
             route(SNAPSHOT_PATH, true),
@@ -242,7 +268,6 @@ mod tests {
             "/v3lockpb.Lock/Lock",
             "/grpc.health.v1.Health/Check",
             "/no.such.Service/Method",
-            "",
         ] {
             assert_eq!(route(path, false), Handler::Forward, "{path}");
         }

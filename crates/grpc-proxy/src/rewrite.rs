@@ -172,7 +172,8 @@ impl Decoder {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
         if self.buf.len() < PREFIX + len {
-            self.buf.reserve(PREFIX + len - self.buf.len());
+            // No reserve for the announced length: memory follows the bytes that really arrive,
+            // so a client announcing 4 MiB and sending a trickle holds a trickle.
             return Ok(None);
         }
         self.buf.advance(PREFIX);
