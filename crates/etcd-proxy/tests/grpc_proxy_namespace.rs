@@ -509,3 +509,59 @@ async fn namespace_covers_leases_locks_and_elections() {
         .expect_err("a 5 MiB put is refused");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
 }
+
+/// Lease IDs are cluster-wide and a revoke deletes the lease's keys: through the namespaced
+/// proxy, a lease holding a key outside `/app/` cannot be revoked, so that key survives; a lease
+/// used inside the namespace revokes as usual, and a missing one gets etcd's own error.
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_guards_lease_revoke() {
+    let cluster = Cluster::start(3).await;
+    let (_p, addr) = namespaced_proxy(&cluster);
+    let lease_id = |granted: String| {
+        granted
+            .split_whitespace()
+            .nth(1)
+            .expect("lease id")
+            .to_string()
+    };
+
+    // Granted directly, with a key outside the namespace: refused, and the key stays.
+    let outside = lease_id(ok(cluster.etcdctl(&["lease", "grant", "60"])));
+    let flag = format!("--lease={outside}");
+    ok(cluster.etcdctl(&["put", "/other/guarded", "v", &flag]));
+    let out = ctl(&cluster, &addr, &["lease", "revoke", &outside]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "revoking lease {outside} succeeded");
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains(&format!(
+                "etcd-proxy: lease {outside} holds keys outside the namespace"
+            )),
+        "{err}"
+    );
+    assert_eq!(
+        ok(cluster.etcdctl(&["get", "/other/guarded", "--print-value-only"])),
+        "v\n"
+    );
+
+    // Granted and used through the proxy (so its key is under /app/): revoked, key gone.
+    let inside = lease_id(ok(ctl(&cluster, &addr, &["lease", "grant", "60"])));
+    let flag = format!("--lease={inside}");
+    ok(ctl(&cluster, &addr, &["put", "mine", "v", &flag]));
+    assert_eq!(
+        ok(cluster.etcdctl(&["get", "/app/mine", "--print-value-only"])),
+        "v\n"
+    );
+    let revoked = ok(ctl(&cluster, &addr, &["lease", "revoke", &inside]));
+    assert!(revoked.contains("revoked"), "{revoked}");
+    assert_eq!(ok(cluster.etcdctl(&["get", "/app/mine"])), "");
+
+    // A lease that does not exist: etcd's own NotFound.
+    let out = ctl(&cluster, &addr, &["lease", "revoke", "1234abcd"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "revoking a missing lease succeeded");
+    assert!(
+        err.contains("etcdserver: requested lease not found"),
+        "{err}"
+    );
+}

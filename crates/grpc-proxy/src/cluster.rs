@@ -24,14 +24,14 @@ use etcd_api::etcdserverpb::cluster_client::ClusterClient;
 use etcd_api::etcdserverpb::kv_client::KvClient;
 use etcd_api::etcdserverpb::lease_client::LeaseClient;
 use etcd_api::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, Member, MemberListRequest,
-    MemberListResponse, PutRequest, RangeRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, Member,
+    MemberListRequest, MemberListResponse, PutRequest, RangeRequest,
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -329,6 +329,30 @@ impl Cluster {
                 () = tokio::time::sleep(REREGISTER_PAUSE) => {}
             }
         }
+    }
+
+    /// The keys attached to lease `id` (`LeaseTimeToLive` with keys), asked with the caller's
+    /// `token` and `authorization` metadata from `headers`, so etcd applies the caller's
+    /// permissions. A missing lease has no keys (etcd answers TTL -1).
+    pub async fn lease_keys(&self, id: i64, headers: &HeaderMap) -> CallResult<Vec<Bytes>> {
+        let auth: Vec<(&'static str, tonic::metadata::MetadataValue<_>)> =
+            ["token", "authorization"]
+                .into_iter()
+                .filter_map(|name| Some((name, headers.get(name)?.to_str().ok()?.parse().ok()?)))
+                .collect();
+        self.call(|ch| {
+            let mut r = tonic::Request::new(LeaseTimeToLiveRequest { id, keys: true });
+            for (name, value) in &auth {
+                r.metadata_mut().insert(*name, value.clone());
+            }
+            async move {
+                LeaseClient::new(ch)
+                    .lease_time_to_live(r)
+                    .await
+                    .map(|r| r.into_inner().keys)
+            }
+        })
+        .await
     }
 
     /// Answers `Cluster/MemberList` with one member per registered proxy.

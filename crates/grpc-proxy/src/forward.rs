@@ -16,6 +16,7 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 
+use crate::cluster::Cluster;
 use crate::rewrite::{self, Method, RequestBody, ResponseStream, Rewriter};
 use crate::upstream::Upstream;
 
@@ -33,13 +34,16 @@ pub enum Handler {
     /// Answer with this gRPC status without asking etcd: calls that would show a namespaced
     /// client what lies outside its namespace.
     Refuse(u16, &'static str),
+    /// `Lease/LeaseRevoke` under a namespace: forwarded only if the lease holds no key outside
+    /// the namespace ([`crate::lease::guard_revoke`]).
+    GuardLeaseRevoke,
 }
 
 /// A snapshot is the whole keyspace, so it cannot be served to a client confined to a prefix.
 const SNAPSHOT_PATH: &str = "/etcdserverpb.Maintenance/Snapshot";
 const SNAPSHOT_REFUSED: &str = "etcd-proxy: snapshot is not available through a namespaced proxy (it holds keys outside the namespace)";
 /// gRPC's `PERMISSION_DENIED`.
-const PERMISSION_DENIED: u16 = 7;
+pub(crate) const PERMISSION_DENIED: u16 = 7;
 /// gRPC's `UNIMPLEMENTED`, and grpc-go's answer to a method path it cannot parse.
 const UNIMPLEMENTED: u16 = 12;
 const MALFORMED_METHOD: &str = "malformed method name";
@@ -60,27 +64,36 @@ pub fn route(path: &str, namespaced: bool) -> Handler {
     if path == SNAPSHOT_PATH {
         return Handler::Refuse(PERMISSION_DENIED, SNAPSHOT_REFUSED);
     }
+    if path == crate::lease::LEASE_REVOKE_PATH {
+        return Handler::GuardLeaseRevoke;
+    }
     match Method::from_path(path) {
         Some(method) => Handler::Rewrite(method),
         None => Handler::Forward,
     }
 }
 
-/// Serves one call; `rewriter` is set when calls may need rewriting (`--namespace`).
+/// Serves one call; `rewriter` is set when calls may need rewriting (`--namespace`); `cluster`
+/// makes the proxy's own calls (the lease check under a namespace).
 pub async fn handle(
     upstream: &Upstream,
     rewriter: Option<&Arc<Rewriter>>,
+    cluster: &Cluster,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
         (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
+        (Handler::GuardLeaseRevoke, Some(rw)) => {
+            crate::lease::guard_revoke(upstream, cluster, rw, req).await
+        }
         (Handler::Refuse(code, message), _) => status_response(code, message),
-        _ => forward(upstream, req).await,
+        _ => send(upstream, req.map(RequestBody::Client)).await,
     }
 }
 
-async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
-    match upstream.send(req.map(RequestBody::Client)).await {
+/// Sends `req` to a member and relays its answer as is.
+pub(crate) async fn send(upstream: &Upstream, req: Request<RequestBody>) -> Response<ResponseBody> {
+    match upstream.send(req).await {
         Ok(resp) => resp.map(|inner| ResponseBody::Upstream {
             inner,
             failed: false,
@@ -225,9 +238,18 @@ mod tests {
             assert!(matches!(route(path, true), Handler::Rewrite(_)), "{path}");
             assert_eq!(route(path, false), Handler::Forward, "{path}");
         }
+        assert_eq!(
+            route("/etcdserverpb.Lease/LeaseRevoke", true),
+            Handler::GuardLeaseRevoke
+        );
+        assert_eq!(
+            route("/etcdserverpb.Lease/LeaseRevoke", false),
+            Handler::Forward
+        );
         for path in [
             "/etcdserverpb.KV/Compact",
             "/etcdserverpb.Lease/LeaseKeepAlive",
+            "/etcdserverpb.Lease/LeaseLeases",
             "/no.such.Service/Method",
         ] {
             assert_eq!(route(path, true), Handler::Forward, "{path}");

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod forward;
+pub mod lease;
 pub mod metrics;
 pub mod namespace;
 pub mod rewrite;
@@ -142,6 +143,8 @@ struct State {
     rewriter: Option<Arc<rewrite::Rewriter>>,
     /// Set with `--resolver-prefix`: answers MemberList.
     member_list: Option<Arc<cluster::Cluster>>,
+    /// The proxy's own calls to etcd (the lease check under `--namespace`).
+    cluster: Arc<cluster::Cluster>,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -160,6 +163,7 @@ pub async fn serve_with_metrics(
     let state = Arc::new(State {
         rewriter,
         member_list: cluster.answers_member_list().then(|| cluster.clone()),
+        cluster: cluster.clone(),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -257,7 +261,15 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
             Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
                 cluster.member_list(req).await
             }
-            _ => forward::handle(&state.admin.upstream, state.rewriter.as_ref(), req).await,
+            _ => {
+                forward::handle(
+                    &state.admin.upstream,
+                    state.rewriter.as_ref(),
+                    &state.cluster,
+                    req,
+                )
+                .await
+            }
         };
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);

@@ -293,6 +293,16 @@ impl Rewriter {
         Rewriter { namespace, limits }
     }
 
+    /// The namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// The size bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// The rewriter a configuration asks for: `None` without a namespace.
     pub fn from_config(config: &crate::Config) -> Option<Arc<Rewriter>> {
         config
@@ -459,6 +469,9 @@ pub enum RequestBody {
     Client(Incoming),
     /// The client's messages, rewritten.
     Rewritten(RequestStream),
+    /// The client's whole body, read before it is sent (unary calls checked first); `None` once
+    /// sent.
+    Buffered(Option<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -474,6 +487,7 @@ impl Body for RequestBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(RequestBodyError::Client))),
             RequestBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
+            RequestBody::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -481,6 +495,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Client(inner) => inner.is_end_stream(),
             RequestBody::Rewritten(stream) => stream.done,
+            RequestBody::Buffered(data) => data.is_none(),
         }
     }
 
@@ -488,6 +503,9 @@ impl Body for RequestBody {
         match self {
             RequestBody::Client(inner) => inner.size_hint(),
             RequestBody::Rewritten(_) => SizeHint::default(),
+            RequestBody::Buffered(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
