@@ -8,33 +8,9 @@ use std::time::Duration;
 
 use common::{
     ProxyProcess, check_lease_flow, check_watch_sees_direct_put, etcdctl_stdin, ok, run_to_exit,
+    start_grpc_proxy,
 };
 use testkit::Cluster;
-
-/// Starts a gRPC proxy in front of `cluster` on a port of its choosing; returns it and the
-/// address from its `started gRPC proxy` line.
-fn proxy(cluster: &Cluster) -> (ProxyProcess, String) {
-    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
-    let p = ProxyProcess::start(
-        &[
-            "grpc-proxy",
-            "start",
-            "--listen-addr=127.0.0.1:0",
-            endpoints.as_str(),
-        ],
-        "started gRPC proxy",
-    );
-    let addr = listen_addr(&p);
-    (p, addr)
-}
-
-fn listen_addr(p: &ProxyProcess) -> String {
-    p.log_entries("started gRPC proxy")
-        .first()
-        .and_then(|v| v["address"].as_str())
-        .expect("`started gRPC proxy` has an address")
-        .to_string()
-}
 
 /// etcdctl at the proxy only.
 fn ctl(cluster: &Cluster, addr: &str, args: &[&str]) -> Output {
@@ -61,7 +37,7 @@ fn revision(json: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn kv_txn_and_compaction_through_the_proxy() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
 
     let r1 = revision(&ok(ctl(
         &cluster,
@@ -139,7 +115,7 @@ async fn kv_txn_and_compaction_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn leases_watch_and_lock_through_the_proxy() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
 
     let id = check_lease_flow(&cluster, &addr);
     let err = ctl_err(&cluster, &addr, &["lease", "revoke", &id]);
@@ -162,7 +138,7 @@ async fn leases_watch_and_lock_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_and_maintenance_through_the_proxy() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
 
     let members = ok(ctl(&cluster, &addr, &["member", "list"]));
     for i in 0..cluster.len() {
@@ -196,7 +172,7 @@ async fn cluster_and_maintenance_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_continue_when_a_follower_is_killed() {
     let mut cluster = Cluster::start(3).await;
-    let (p, addr) = proxy(&cluster);
+    let (p, addr) = start_grpc_proxy(&cluster, &[]);
     for i in 0..6 {
         ok(ctl(&cluster, &addr, &["put", "k", &i.to_string()]));
     }
@@ -232,7 +208,7 @@ async fn no_reachable_member_is_unavailable() {
         &["grpc-proxy", "start", "--listen-addr=127.0.0.1:0", &dead],
         "started gRPC proxy",
     );
-    let addr = listen_addr(&p);
+    let addr = p.grpc_address();
     // A put is not retried by clientv3, so etcdctl prints the proxy's status as it came.
     let out = Command::new(testkit::etcdctl_path())
         .arg(format!("--endpoints={addr}"))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, ok};
+use common::{ok, start_grpc_proxy};
 use etcd_api::etcdserverpb::auth_client::AuthClient;
 use etcd_api::etcdserverpb::kv_client::KvClient;
 use etcd_api::etcdserverpb::{AuthenticateRequest, PutRequest, RangeRequest};
@@ -24,27 +24,6 @@ use tonic::transport::Channel;
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 const PERMISSION_DENIED: (Code, &str) = (Code::PermissionDenied, "etcdserver: permission denied");
-
-/// Starts a gRPC proxy in front of `cluster`; returns it and its address.
-fn proxy(cluster: &Cluster) -> (ProxyProcess, String) {
-    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
-    let p = ProxyProcess::start(
-        &[
-            "grpc-proxy",
-            "start",
-            "--listen-addr=127.0.0.1:0",
-            endpoints.as_str(),
-        ],
-        "started gRPC proxy",
-    );
-    let addr = p
-        .log_entries("started gRPC proxy")
-        .first()
-        .and_then(|v| v["address"].as_str())
-        .expect("`started gRPC proxy` has an address")
-        .to_string();
-    (p, addr)
-}
 
 /// An `etcd-client` at `endpoints`, logged in as `user` (name, password) when given.
 async fn connect(
@@ -126,7 +105,7 @@ fn enable_auth(cluster: &Cluster) {
 async fn two_users_through_one_proxy_keep_their_own_rights() {
     let cluster = Cluster::start(3).await;
     enable_auth(&cluster);
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     let at_proxy = [addr.clone()];
 
     let mut alice = connect(&at_proxy, Some(("alice", "alicepw")))
@@ -293,7 +272,7 @@ async fn two_users_through_one_proxy_keep_their_own_rights() {
 async fn auth_errors_are_etcds() {
     let cluster = Cluster::start(3).await;
     enable_auth(&cluster);
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     let at_proxy = [addr.clone()];
     let direct = cluster.client_endpoints();
 
@@ -369,7 +348,7 @@ async fn auth_errors_are_etcds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_codes_are_etcds_code_and_message() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     let mut via = connect(&[addr], None).await.expect("connect to the proxy");
     let mut direct = connect(&cluster.client_endpoints(), None)
         .await
@@ -504,7 +483,7 @@ async fn bounded<T>(
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_puts_survive_a_follower_killed_under_load() {
     let mut cluster = Cluster::start(3).await;
-    let (p, addr) = proxy(&cluster);
+    let (p, addr) = start_grpc_proxy(&cluster, &[]);
     let client = connect(std::slice::from_ref(&addr), None)
         .await
         .expect("connect to the proxy");

@@ -7,23 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, ok};
+use common::{ProxyProcess, ok, start_grpc_proxy};
 use testkit::Cluster;
-
-/// Starts a gRPC proxy in front of `cluster` with `extra` flags; returns it and its address.
-fn proxy(cluster: &Cluster, extra: &[&str]) -> (ProxyProcess, String) {
-    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
-    let mut args = vec![
-        "grpc-proxy",
-        "start",
-        "--listen-addr=127.0.0.1:0",
-        endpoints.as_str(),
-    ];
-    args.extend_from_slice(extra);
-    let p = ProxyProcess::start(&args, "started gRPC proxy");
-    let addr = address(&p, "started gRPC proxy");
-    (p, addr)
-}
 
 fn address(p: &ProxyProcess, msg: &str) -> String {
     p.log_entries(msg)
@@ -143,7 +128,7 @@ fn check_endpoints(cluster: &Cluster, grpc_addr: &str, http_base: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_metrics_on_the_grpc_port_and_on_metrics_addr() {
     let cluster = Cluster::start(3).await;
-    let (p, addr) = proxy(&cluster, &["--metrics-addr=http://127.0.0.1:0"]);
+    let (p, addr) = start_grpc_proxy(&cluster, &["--metrics-addr=http://127.0.0.1:0"]);
     let metrics_addr = address(&p, "gRPC proxy listening for metrics");
 
     check_endpoints(&cluster, &addr, &format!("http://{addr}"));
@@ -174,7 +159,7 @@ async fn health_and_metrics_on_the_grpc_port_and_on_metrics_addr() {
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_503_when_every_member_is_down() {
     let mut cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster, &[]);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     assert_eq!(get(&format!("http://{addr}/health")).0, 200);
     for i in 0..cluster.len() {
         cluster.kill(i);
@@ -218,7 +203,7 @@ async fn ranges_served(cluster: &Cluster, i: usize) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_member_is_skipped_and_used_again_once_it_answers() {
     let cluster = Cluster::start(3).await;
-    let (p, addr) = proxy(&cluster, &[]);
+    let (p, addr) = start_grpc_proxy(&cluster, &[]);
     ok(cluster.etcdctl_at(&addr, &["put", "k", "v0"]));
     let leader = cluster.leader().await.expect("the cluster has a leader");
     let follower = (leader + 1) % cluster.len();
@@ -287,7 +272,7 @@ async fn a_stopped_member_is_skipped_and_used_again_once_it_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_200_with_etcd_auth_on() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = proxy(&cluster, &[]);
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     ok(cluster.etcdctl(&["user", "add", "root", "--new-user-password=rootpw"]));
     // etcd 3.5 creates no root role by itself.
     let _ = cluster.etcdctl(&["role", "add", "root"]);

@@ -11,7 +11,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{ProxyProcess, etcdctl_stdin, ok};
+use common::{etcdctl_stdin, ok, start_grpc_proxy};
 use etcd_api::etcdserverpb::kv_client::KvClient;
 use etcd_api::etcdserverpb::lease_client::LeaseClient;
 use etcd_api::etcdserverpb::{LeaseGrantRequest, PutRequest, RangeRequest};
@@ -20,28 +20,6 @@ use etcd_api::v3electionpb::{CampaignRequest, LeaderRequest, ProclaimRequest, Re
 use etcd_api::v3lockpb::lock_client::LockClient;
 use etcd_api::v3lockpb::{LockRequest, UnlockRequest};
 use testkit::Cluster;
-
-/// Starts a proxy with `--namespace=/app/` in front of `cluster`; returns it and its address.
-fn namespaced_proxy(cluster: &Cluster) -> (ProxyProcess, String) {
-    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
-    let p = ProxyProcess::start(
-        &[
-            "grpc-proxy",
-            "start",
-            "--listen-addr=127.0.0.1:0",
-            "--namespace=/app/",
-            endpoints.as_str(),
-        ],
-        "started gRPC proxy",
-    );
-    let addr = p
-        .log_entries("started gRPC proxy")
-        .first()
-        .and_then(|v| v["address"].as_str())
-        .expect("`started gRPC proxy` has an address")
-        .to_string();
-    (p, addr)
-}
 
 /// etcdctl at the proxy.
 fn ctl(cluster: &Cluster, addr: &str, args: &[&str]) -> Output {
@@ -140,7 +118,7 @@ fn stop(mut child: Child) {
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_isolates_kv_txn_and_watch() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = namespaced_proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &["--namespace=/app/"]);
 
     // Keys outside the namespace, written directly, some right at its edges.
     for (k, v) in [
@@ -296,7 +274,7 @@ async fn namespace_isolates_kv_txn_and_watch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_covers_leases_locks_and_elections() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = namespaced_proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &["--namespace=/app/"]);
 
     // A snapshot is the whole keyspace: refused, with a reason, and no file is written.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -516,7 +494,7 @@ async fn namespace_covers_leases_locks_and_elections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_guards_lease_revoke() {
     let cluster = Cluster::start(3).await;
-    let (_p, addr) = namespaced_proxy(&cluster);
+    let (_p, addr) = start_grpc_proxy(&cluster, &["--namespace=/app/"]);
     let lease_id = |granted: String| {
         granted
             .split_whitespace()

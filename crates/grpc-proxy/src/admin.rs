@@ -196,36 +196,13 @@ impl CallError {
             CallError::Transport(e) => e.clone(),
             CallError::Status(_, m) if m.starts_with("etcdserver: ") => m.clone(),
             CallError::Status(code, m) => {
-                format!("rpc error: code = {} desc = {m}", code_name(*code))
+                format!(
+                    "rpc error: code = {} desc = {m}",
+                    crate::metrics::code_name(*code)
+                )
             }
         }
     }
-}
-
-fn code_name(code: u16) -> String {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "Canceled",
-        "Unknown",
-        "InvalidArgument",
-        "DeadlineExceeded",
-        "NotFound",
-        "AlreadyExists",
-        "PermissionDenied",
-        "ResourceExhausted",
-        "FailedPrecondition",
-        "Aborted",
-        "OutOfRange",
-        "Unimplemented",
-        "Internal",
-        "Unavailable",
-        "DataLoss",
-        "Unauthenticated",
-    ];
-    NAMES
-        .get(usize::from(code))
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| format!("Code({code})"))
 }
 
 /// The answer to the health Range means the cluster serves linearizable reads: success, or an

@@ -16,7 +16,7 @@ use hyper::header::HeaderMap;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// gRPC status codes by number, named as grpc-go's `codes.Code.String()` (the `grpc_code` label).
-const CODE_NAMES: [&str; 17] = [
+pub(crate) const CODE_NAMES: [&str; 17] = [
     "OK",
     "Canceled",
     "Unknown",
@@ -35,6 +35,14 @@ const CODE_NAMES: [&str; 17] = [
     "DataLoss",
     "Unauthenticated",
 ];
+/// grpc-go's name of a status code (`Code(17)` past the known ones), as in `rpc error: code = ...`.
+pub(crate) fn code_name(code: u16) -> String {
+    CODE_NAMES
+        .get(usize::from(code))
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("Code({code})"))
+}
+
 const CANCELED: usize = 1;
 const UNKNOWN: usize = 2;
 

@@ -95,6 +95,15 @@ impl ProxyProcess {
             .collect()
     }
 
+    /// The address the gRPC proxy listens on, from its `started gRPC proxy` line.
+    pub fn grpc_address(&self) -> String {
+        self.log_entries("started gRPC proxy")
+            .first()
+            .and_then(|v| v["address"].as_str())
+            .expect("`started gRPC proxy` has an address")
+            .to_string()
+    }
+
     /// The address the gateway listens on, from its `ready to proxy client requests` line.
     pub fn listen_addr(&self) -> String {
         let ready = self.log_entries("ready to proxy client requests");
@@ -267,4 +276,20 @@ pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: 
         seen.starts_with(&["PUT".into(), key.into(), "watched-value".into()]),
         "{seen:?} after {puts} puts"
     );
+}
+
+/// Starts `etcd-proxy grpc-proxy start` in front of `cluster` on a port of its choosing, with
+/// `extra` flags; returns it and the address from its `started gRPC proxy` line.
+pub fn start_grpc_proxy(cluster: &testkit::Cluster, extra: &[&str]) -> (ProxyProcess, String) {
+    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
+    let mut args = vec![
+        "grpc-proxy",
+        "start",
+        "--listen-addr=127.0.0.1:0",
+        endpoints.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let p = ProxyProcess::start(&args, "started gRPC proxy");
+    let addr = p.grpc_address();
+    (p, addr)
 }
