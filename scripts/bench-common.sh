@@ -103,3 +103,140 @@ for ((i = 0; ; i++)); do
     fi
     sleep 0.1
 done
+
+# ---- The measurement, shared by both scripts ----
+# The caller starts its two front doors, then sets:
+#   theirs    target name of etcd's own front door (etcd-gateway, etcd-grpc-proxy)
+#   tag       short label of the front-door columns (gw, px)
+#   note      extra text after the report's legend (may be empty)
+#   workloads array of put, range-s (serializable), range-l (linearizable)
+#   port_of / pid_of  associative arrays for direct, $theirs and etcd-proxy
+# and calls run_comparison.
+clk_tck="$(getconf CLK_TCK)"
+
+# CPU ticks of PID as "utime stime" (all threads). The command name, field 2, may hold spaces: cut up
+# to ") ", after which utime and stime are the 12th and 13th fields.
+cpu_ticks() {
+    local rest
+    rest="$(sed 's/^.*) //' "/proc/$1/stat")"
+    awk '{ print $12, $13 }' <<<"$rest"
+}
+
+rss_kb() {
+    awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}
+
+
+workload_args() {
+    case "$1" in
+        put) echo "put" ;;
+        range-s) echo "range --consistency=s" ;;
+        range-l) echo "range --consistency=l" ;;
+    esac
+}
+
+# run_one ROUND WORKLOAD TARGET TOTAL: one bench run; appends a line to $results unless ROUND is "warm".
+run_one() {
+    local round="$1" workload="$2" target="$3" n="$4"
+    local port="${port_of[$target]}" pid="${pid_of[$target]}"
+    local u0=0 s0=0 u1=0 s1=0 rss="" json
+    local -a wl
+    read -r -a wl <<<"$(workload_args "$workload")"
+    [[ -n "$pid" ]] && read -r u0 s0 <<<"$(cpu_ticks "$pid")"
+    json="$("$ours" bench "${wl[@]}" --endpoints="127.0.0.1:$port" --conns="$conns" \
+        --clients="$clients" --total="$n" --json)"
+    if [[ -n "$pid" ]]; then
+        read -r u1 s1 <<<"$(cpu_ticks "$pid")"
+        rss="$(rss_kb "$pid")"
+    fi
+    [[ "$round" == warm ]] && return 0
+    jq -r --arg round "$round" --arg wl "$workload" --arg target "$target" \
+        --argjson utime "$((u1 - u0))" --argjson stime "$((s1 - s0))" --argjson hz "$clk_tck" \
+        --arg rss "$rss" '
+        ($utime + $stime) as $ticks
+        | [ $round, $wl, $target,
+            (.requests_per_sec | floor),
+            (.latency_secs.p99 * 1000 * 100 | round / 100),
+            (if $target == "direct" then "" else ($ticks * 1000000 / $hz / .succeeded * 10 | round / 10) end),
+            (if $target == "direct" or $ticks == 0 then "" else ($stime * 100 / $ticks | round) end),
+            $rss, .errors ] | @tsv' <<<"$json" | tee -a "$results" | tr '\t' ' ' | sed 's/^/  /'
+}
+
+run_comparison() {
+    local targets=(direct "$theirs" etcd-proxy) workload target round k
+    results="$work/results.tsv"
+    printf 'round\tworkload\ttarget\treq_per_s\tp99_ms\tcpu_us_per_req\tsys_pct\trss_kb\terrors\n' >"$results"
+
+
+    echo "etcd $("$etcd_bin/etcd" --version | awk '/etcd Version/ { print $3 }') on 127.0.0.1:$ep;" \
+        "$theirs on :${port_of[$theirs]} (pid ${pid_of[$theirs]}); etcd-proxy on :${port_of[etcd-proxy]} (pid ${pid_of[etcd-proxy]})"
+    echo "load: --conns=$conns --clients=$clients --total=$total, $rounds round(s), CLK_TCK=$clk_tck;" \
+        "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+    # Warm up each path once (connections, Go's heap, caches) before anything is recorded.
+    for workload in "${workloads[@]}"; do
+        for target in "${targets[@]}"; do
+            run_one warm "$workload" "$target" "$(( total < 5000 ? total : 5000 ))"
+        done
+    done
+
+    echo "round workload target req/s p99_ms ${tag}_cpu_us/req ${tag}_sys_% ${tag}_rss_kb errors"
+    for ((round = 1; round <= rounds; round++)); do
+        for workload in "${workloads[@]}"; do
+            # Rotate the order each round so no target always runs first (or last) on a warming machine.
+            for ((k = 0; k < ${#targets[@]}; k++)); do
+                target="${targets[$(((k + round - 1) % ${#targets[@]}))]}"
+                run_one "$round" "$workload" "$target" "$total"
+            done
+        done
+    done
+
+    echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    if [[ -n "$raw_out" ]]; then
+        cp "$results" "$raw_out"
+    fi
+
+    python3 - "$results" "$theirs" "$tag" "$note" <<'PY'
+import csv, statistics, sys
+
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+theirs, tag, note = sys.argv[2], sys.argv[3], sys.argv[4]
+def med(values):
+    values = [float(v) for v in values if v != ""]
+    return statistics.median(values) if values else None
+
+table = {}
+for r in rows:
+    table.setdefault((r["workload"], r["target"]), []).append(r)
+
+def fmt(v, spec):
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+print()
+print(f"{'workload':<9} {'target':<16} {'req/s':>9} {'p99 ms':>8} {tag + ' CPU us/req':>14} {tag + ' sys %':>9} {tag + ' RSS MiB':>11} {'errors':>7}")
+summary = {}
+for (wl, target), rs in table.items():
+    rps = med(r["req_per_s"] for r in rs)
+    p99 = med(r["p99_ms"] for r in rs)
+    cpu = med(r["cpu_us_per_req"] for r in rs)
+    sys_pct = med(r["sys_pct"] for r in rs)
+    rss = max((float(r["rss_kb"]) for r in rs if r["rss_kb"]), default=None)
+    errors = sum(int(r["errors"]) for r in rs)
+    summary[(wl, target)] = (rps, cpu, rss)
+    print(f"{wl:<9} {target:<16} {fmt(rps, '9.0f')} {fmt(p99, '8.2f')} {fmt(cpu, '14.1f')} "
+          f"{fmt(sys_pct, '9.0f')} {fmt(rss and rss / 1024, '11.1f')} {errors:>7}")
+
+print()
+print(f"medians over rounds; {tag} = the front door's process only; {tag} sys % = share of its CPU spent in the kernel;")
+print(f"{tag} RSS = the largest seen after a run{note}")
+def ratio(a, b):
+    return a / b if a is not None and b else float("nan")
+for wl in dict.fromkeys(w for w, _ in table):
+    o, t = summary.get((wl, "etcd-proxy")), summary.get((wl, theirs))
+    if not o or not t:
+        continue
+    print(f"{wl}: etcd-proxy / {theirs}: req/s x{ratio(o[0], t[0]):.2f}, "
+          f"CPU per request x{ratio(o[1], t[1]):.2f}, RSS x{ratio(o[2], t[2]):.2f}")
+PY
+}
