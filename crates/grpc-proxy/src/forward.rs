@@ -12,16 +12,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 
 use crate::cluster::Cluster;
-use crate::rewrite::{self, Method, RequestBody, ResponseStream, Rewriter};
-use crate::upstream::Upstream;
+use crate::resume::{self, Stream};
+use crate::rewrite::{self, Limits, Method, RequestBody, ResponseStream, Rewriter};
+use crate::upstream::{SendError, Upstream};
 
 /// gRPC's `UNAVAILABLE`: clients treat it as "try again / another endpoint".
 const UNAVAILABLE: u16 = 14;
+/// gRPC's `CANCELLED`.
+const CANCELLED: u16 = 1;
+/// gRPC's `RESOURCE_EXHAUSTED`.
+const RESOURCE_EXHAUSTED: u16 = 8;
 
 /// What serves a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +43,11 @@ pub enum Handler {
     /// `Lease/LeaseRevoke` under a namespace: forwarded only if the lease holds no key outside
     /// the namespace ([`crate::lease::guard_revoke`]).
     GuardLeaseRevoke,
+    /// A call that only reads: if the member fails it, it is sent again to another member.
+    Read,
+    /// A long stream that moves to another member when its member fails
+    /// ([`crate::resume`]), with the namespace applied if one is set.
+    Resume(Stream),
 }
 
 /// A snapshot is the whole keyspace, so it cannot be served to a client confined to a prefix.
@@ -58,8 +69,15 @@ pub fn route(path: &str, namespaced: bool) -> Handler {
     if !path.starts_with('/') {
         return Handler::Refuse(UNIMPLEMENTED, MALFORMED_METHOD);
     }
+    if let Some(stream) = Stream::from_path(path) {
+        return Handler::Resume(stream);
+    }
     if !namespaced {
-        return Handler::Forward;
+        return if is_read(path) {
+            Handler::Read
+        } else {
+            Handler::Forward
+        };
     }
     if path == SNAPSHOT_PATH {
         return Handler::Refuse(PERMISSION_DENIED, SNAPSHOT_REFUSED);
@@ -76,19 +94,101 @@ pub fn route(path: &str, namespaced: bool) -> Handler {
 /// Serves one call; `rewriter` is set when calls may need rewriting (`--namespace`); `cluster`
 /// makes the proxy's own calls (the lease check under a namespace).
 pub async fn handle(
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     rewriter: Option<&Arc<Rewriter>>,
     cluster: &Cluster,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
+        (Handler::Resume(stream), rw) => {
+            let namespace = rw.map(|rw| rw.namespace().clone());
+            let limits = rw.map_or_else(Limits::default, |rw| rw.limits());
+            resume::handle(upstream, namespace, limits, stream, req).await
+        }
         (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
         (Handler::GuardLeaseRevoke, Some(rw)) => {
             crate::lease::guard_revoke(upstream, cluster, rw, req).await
         }
         (Handler::Refuse(code, message), _) => status_response(code, message),
+        (Handler::Read, _) => send_read(upstream, req).await,
         _ => send(upstream, req.map(RequestBody::Client)).await,
     }
+}
+
+/// Calls that change nothing in etcd, so sending one again after its member failed cannot do
+/// harm (writes are never sent twice: only the client knows whether that is safe).
+fn is_read(path: &str) -> bool {
+    matches!(
+        path,
+        "/etcdserverpb.KV/Range"
+            | "/etcdserverpb.Lease/LeaseTimeToLive"
+            | "/etcdserverpb.Lease/LeaseLeases"
+            | "/etcdserverpb.Cluster/MemberList"
+            | "/etcdserverpb.Maintenance/Status"
+            | "/etcdserverpb.Maintenance/Hash"
+            | "/etcdserverpb.Maintenance/HashKV"
+            | "/etcdserverpb.Auth/AuthStatus"
+            | "/etcdserverpb.Auth/UserGet"
+            | "/etcdserverpb.Auth/UserList"
+            | "/etcdserverpb.Auth/RoleGet"
+            | "/etcdserverpb.Auth/RoleList"
+            | "/v3electionpb.Election/Leader"
+            | "/grpc.health.v1.Health/Check"
+    )
+}
+
+/// Members a read is sent to at most, when each fails it.
+const READ_ATTEMPTS: usize = 3;
+
+/// Sends a read ([`is_read`]) to a member, and again to another one when the member's
+/// connection breaks before it answers or it answers `UNAVAILABLE` at once (stopping, no
+/// leader). The request is read whole first (reads are small) so that it can be sent again.
+async fn send_read(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
+    let (parts, body) = req.into_parts();
+    let max = Limits::default().request;
+    let body = match http_body_util::Limited::new(body, max + 5).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return match e.downcast::<http_body_util::LengthLimitError>() {
+                Ok(_) => status_response(
+                    RESOURCE_EXHAUSTED,
+                    &format!("grpc: received message larger than max (more than {max} bytes)"),
+                ),
+                // The client reset its call: nobody is left to answer.
+                Err(e) => status_response(CANCELLED, &format!("client stream: {e}")),
+            };
+        }
+    };
+    let mut avoid: Option<String> = None;
+    for attempt in 1..=READ_ATTEMPTS {
+        let req = crate::resume::rebuild(&parts, RequestBody::Buffered(Some(body.clone())));
+        match upstream.send_stream(req, avoid.as_deref()).await {
+            Ok((resp, member)) => {
+                let refused = crate::resume::grpc_status(resp.headers()) == Some(UNAVAILABLE);
+                if !refused || attempt == READ_ATTEMPTS {
+                    return resp.map(|inner| ResponseBody::Upstream {
+                        inner,
+                        failed: false,
+                    });
+                }
+                tracing::debug!(
+                    member = member.name(),
+                    path = parts.uri.path(),
+                    "member answered a read with UNAVAILABLE; asking another"
+                );
+                avoid = Some(member.name().to_string());
+            }
+            Err(SendError::Failed { member, source }) if attempt < READ_ATTEMPTS => {
+                tracing::debug!(member = %member, error = %source, path = parts.uri.path(), "member failed a read; asking another");
+                avoid = Some(member);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot forward a gRPC call");
+                return status_response(UNAVAILABLE, &e.to_string());
+            }
+        }
+    }
+    status_response(UNAVAILABLE, "no etcd member answered the read")
 }
 
 /// Sends `req` to a member and relays its answer as is.
@@ -122,6 +222,9 @@ pub enum ResponseBody {
     Empty,
     /// etcd's body with its messages rewritten.
     Rewritten(ResponseStream),
+    /// Frames written by the proxy (a stream that survives its member, [`crate::resume`]);
+    /// the last one is the trailers.
+    Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
     /// A whole answer made by the proxy (MemberList under `--resolver-prefix`): one framed
     /// message, then the trailers.
     Local {
@@ -143,6 +246,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
+            ResponseBody::Channel(rx) => rx.poll_recv(cx).map(|f| f.map(Ok)),
             ResponseBody::Local { message, trailers } => {
                 if let Some(m) = message.take() {
                     return Poll::Ready(Some(Ok(Frame::data(m))));
@@ -174,6 +278,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => true,
             ResponseBody::Rewritten(stream) => stream.is_end_stream(),
+            ResponseBody::Channel(rx) => rx.is_closed() && rx.is_empty(),
             ResponseBody::Local { message, trailers } => message.is_none() && trailers.is_none(),
             ResponseBody::Upstream { inner, failed } => *failed || inner.is_end_stream(),
         }
@@ -182,7 +287,9 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
-            ResponseBody::Rewritten(_) | ResponseBody::Local { .. } => SizeHint::default(),
+            ResponseBody::Rewritten(_) | ResponseBody::Channel(_) | ResponseBody::Local { .. } => {
+                SizeHint::default()
+            }
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
@@ -230,10 +337,9 @@ mod tests {
         for path in [
             "/etcdserverpb.KV/Range",
             "/etcdserverpb.KV/Txn",
-            "/etcdserverpb.Watch/Watch",
             "/etcdserverpb.Lease/LeaseTimeToLive",
             "/v3lockpb.Lock/Lock",
-            "/v3electionpb.Election/Observe",
+            "/v3electionpb.Election/Campaign",
         ] {
             assert!(matches!(route(path, true), Handler::Rewrite(_)), "{path}");
             assert_eq!(route(path, false), Handler::Forward, "{path}");
@@ -248,7 +354,6 @@ mod tests {
         );
         for path in [
             "/etcdserverpb.KV/Compact",
-            "/etcdserverpb.Lease/LeaseKeepAlive",
             "/etcdserverpb.Lease/LeaseLeases",
             "/no.such.Service/Method",
         ] {
@@ -283,15 +388,36 @@ mod tests {
     }
 
     #[test]
-    fn every_method_is_forwarded_without_a_namespace() {
+    fn long_streams_resume_in_every_mode() {
+        for namespaced in [true, false] {
+            for (path, stream) in [
+                ("/etcdserverpb.Watch/Watch", Stream::Watch),
+                ("/etcdserverpb.Lease/LeaseKeepAlive", Stream::LeaseKeepAlive),
+                ("/v3electionpb.Election/Observe", Stream::Observe),
+            ] {
+                assert_eq!(route(path, namespaced), Handler::Resume(stream), "{path}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_method_is_forwarded_without_a_namespace_and_reads_may_be_retried() {
         for path in [
-            "/etcdserverpb.KV/Range",
-            "/etcdserverpb.Watch/Watch",
+            "/etcdserverpb.KV/Put",
+            "/etcdserverpb.KV/Txn",
+            "/etcdserverpb.Lease/LeaseGrant",
+            "/etcdserverpb.Auth/Authenticate",
             "/v3lockpb.Lock/Lock",
-            "/grpc.health.v1.Health/Check",
             "/no.such.Service/Method",
         ] {
             assert_eq!(route(path, false), Handler::Forward, "{path}");
+        }
+        for path in [
+            "/etcdserverpb.KV/Range",
+            "/etcdserverpb.Maintenance/Status",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert_eq!(route(path, false), Handler::Read, "{path}");
         }
     }
 

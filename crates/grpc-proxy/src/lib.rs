@@ -19,6 +19,7 @@ pub mod forward;
 pub mod lease;
 pub mod metrics;
 pub mod namespace;
+pub mod resume;
 pub mod rewrite;
 pub mod upstream;
 

@@ -48,7 +48,7 @@ const UNAVAILABLE: u16 = 14;
 const PREFIX: usize = 5;
 
 /// The client's list of compressions it accepts; not passed on, so etcd never compresses.
-const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+pub(crate) const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 
 /// Size bounds of decoded messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +199,8 @@ pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
     out.put_slice(payload);
 }
 
-fn encode_message<M: Message>(m: &M, out: &mut BytesMut) {
+/// Appends `m` framed as an uncompressed gRPC message.
+pub(crate) fn encode_message<M: Message>(m: &M, out: &mut BytesMut) {
     let len = m.encoded_len();
     out.reserve(PREFIX + len);
     out.put_u8(0);
@@ -472,6 +473,9 @@ pub enum RequestBody {
     /// The client's whole body, read before it is sent (unary calls checked first); `None` once
     /// sent.
     Buffered(Option<Bytes>),
+    /// Framed messages written by the proxy (a stream that survives its member,
+    /// [`crate::resume`]); ends when the sender is dropped.
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -488,6 +492,7 @@ impl Body for RequestBody {
                 .map(|f| f.map(|r| r.map_err(RequestBodyError::Client))),
             RequestBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
             RequestBody::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::Channel(rx) => rx.poll_recv(cx).map(|m| m.map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -496,13 +501,14 @@ impl Body for RequestBody {
             RequestBody::Client(inner) => inner.is_end_stream(),
             RequestBody::Rewritten(stream) => stream.done,
             RequestBody::Buffered(data) => data.is_none(),
+            RequestBody::Channel(rx) => rx.is_closed() && rx.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Client(inner) => inner.size_hint(),
-            RequestBody::Rewritten(_) => SizeHint::default(),
+            RequestBody::Rewritten(_) | RequestBody::Channel(_) => SizeHint::default(),
             RequestBody::Buffered(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

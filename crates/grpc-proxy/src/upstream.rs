@@ -65,6 +65,9 @@ struct Member {
     authority: Authority,
     /// False while the member's last probe failed: new calls skip it.
     active: AtomicBool,
+    /// The same as `active`, for long streams that wait for their member to fail
+    /// ([`Serving::failed`]).
+    health: watch::Sender<bool>,
     /// Cancelled when the member leaves the set (auto-sync): ends its connection and probe tasks.
     stop: CancellationToken,
 }
@@ -131,6 +134,7 @@ fn new_member(ep: &Endpoint, stop: &CancellationToken) -> Option<Arc<Member>> {
             name,
             authority,
             active: AtomicBool::new(true),
+            health: watch::Sender::new(true),
             stop: stop.child_token(),
         })),
         Err(e) => {
@@ -308,10 +312,27 @@ impl Upstream {
     /// body and trailers stream on). A call refused by a connection before anything was sent
     /// moves on to the next member; when no member is connected, waits up to
     /// [`Config::connect_wait`] for one.
-    pub async fn send(
+    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, SendError> {
+        self.dispatch(req, None).await.map(|(resp, _)| resp)
+    }
+
+    /// [`Upstream::send`] for a stream that must survive its member: prefers members other
+    /// than `avoid` (the one that just failed it), and says which member took the call.
+    pub async fn send_stream(
+        &self,
+        req: Request<RequestBody>,
+        avoid: Option<&str>,
+    ) -> Result<(Response<Incoming>, Serving), SendError> {
+        self.dispatch(req, avoid)
+            .await
+            .map(|(resp, member)| (resp, Serving { member }))
+    }
+
+    async fn dispatch(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+        avoid: Option<&str>,
+    ) -> Result<(Response<Incoming>, Arc<Member>), SendError> {
         let mut waited = false;
         loop {
             let set = self.snapshot();
@@ -319,12 +340,22 @@ impl Upstream {
             let start = self.next.fetch_add(1, Ordering::Relaxed);
             // First pass: members whose probe passes. Second pass: the others, as a last
             // resort: a probe can be wrong (a slow answer), and trying them beats failing the
-            // call when nothing else is connected.
-            for last_resort in [false, true] {
+            // call when nothing else is connected. Third: the member to avoid, if nothing else
+            // could take the call.
+            for pass in [Pass::Active, Pass::Inactive, Pass::Avoided] {
+                if pass == Pass::Avoided && avoid.is_none() {
+                    break;
+                }
                 for i in 0..total {
                     let slot = &set.slots[(start + i) % total];
                     let member = &slot.member;
-                    if member.is_active() == last_resort {
+                    let avoided = avoid.is_some_and(|a| a == member.name);
+                    let wanted = match pass {
+                        Pass::Active => !avoided && member.is_active(),
+                        Pass::Inactive => !avoided && !member.is_active(),
+                        Pass::Avoided => avoided,
+                    };
+                    if !wanted {
                         continue;
                     }
                     let Some(mut sender) = slot.ready_sender() else {
@@ -332,7 +363,7 @@ impl Upstream {
                     };
                     set_authority(&mut req, &member.authority);
                     match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp),
+                        Ok(resp) => return Ok((resp, member.clone())),
                         Err(mut err) => match err.take_message() {
                             // The connection closed before the call was written: nothing
                             // reached etcd, so the next member may have it.
@@ -361,6 +392,47 @@ impl Upstream {
                 continue;
             }
             let _ = tokio::time::timeout(self.connect_wait, changed.changed()).await;
+        }
+    }
+}
+
+/// The passes of [`Upstream::dispatch`] over the slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Active,
+    Inactive,
+    Avoided,
+}
+
+/// The member serving a stream ([`Upstream::send_stream`]).
+#[derive(Debug, Clone)]
+pub struct Serving {
+    member: Arc<Member>,
+}
+
+impl Serving {
+    /// The member's name (`host:port`).
+    pub fn name(&self) -> &str {
+        &self.member.name
+    }
+
+    /// Resolves when the member fails a probe from now on, or leaves the member set: a stopped
+    /// member keeps its streams open without ever answering, so a stream must move on its own.
+    /// (A member already failing when the stream started is the last resort that took it: only
+    /// a new failure counts.)
+    pub async fn failed(&self) {
+        let mut health = self.member.health.subscribe();
+        let went_down = async {
+            while health.changed().await.is_ok() {
+                if !*health.borrow_and_update() {
+                    return;
+                }
+            }
+            // The sender lives as long as the member: closed means the member is gone.
+        };
+        tokio::select! {
+            () = went_down => {}
+            () = self.member.stop.cancelled() => {}
         }
     }
 }
@@ -424,11 +496,17 @@ async fn monitor(
         };
         match result {
             Ok(()) => {
+                member
+                    .health
+                    .send_if_modified(|h| !std::mem::replace(h, true));
                 if !member.active.swap(true, Ordering::AcqRel) {
                     tracing::info!(endpoint = %member.name, "activated endpoint");
                 }
             }
             Err(e) => {
+                member
+                    .health
+                    .send_if_modified(|h| std::mem::replace(h, false));
                 if member.active.swap(false, Ordering::AcqRel) {
                     tracing::warn!(endpoint = %member.name, error = %e, "deactivated endpoint");
                 }

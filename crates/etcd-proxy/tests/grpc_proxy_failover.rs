@@ -1,0 +1,240 @@
+//! Long streams through `etcd-proxy grpc-proxy start` when the member serving them dies: watch,
+//! lease keep-alive and election observe streams move to another member, and the client sees
+//! one unbroken stream: every event exactly once and in order, keep-alives answered, the new
+//! leader observed once. Real 3-member etcd, the Rust `etcd-client` crate as the client.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::start_grpc_proxy;
+use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions, WatchStream};
+use testkit::Cluster;
+
+/// Streams of each kind opened through the proxy, one after the other: the proxy gives
+/// consecutive calls to consecutive members, so with 3 members each kind has a stream on the
+/// member that is killed.
+const STREAMS: usize = 3;
+/// Keys written, half before the kill and half after.
+const WRITES: usize = 40;
+
+async fn connect(endpoints: &[String]) -> Client {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(20));
+    Client::connect(endpoints, Some(opts))
+        .await
+        .expect("connect")
+}
+
+/// Reads `stream` until it has seen `want` events, or fails after 30 s; returns the events'
+/// (key, mod_revision, prev_kv value) in the order they came.
+async fn collect_events(
+    stream: &mut WatchStream,
+    want: usize,
+) -> Vec<(String, i64, Option<String>)> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("only {} of {want} events within 30 s: {seen:?}", seen.len())
+            })
+            .expect("watch stream error")
+            .expect("watch stream ended");
+        assert!(!msg.canceled(), "watch canceled: {}", msg.cancel_reason());
+        for e in msg.events() {
+            let kv = e.kv().expect("event kv");
+            seen.push((
+                kv.key_str().expect("utf-8 key").to_string(),
+                kv.mod_revision(),
+                e.prev_kv()
+                    .map(|p| p.value_str().expect("utf-8").to_string()),
+            ));
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
+    let mut cluster = Cluster::start(3).await;
+    let (p, addr) = start_grpc_proxy(&cluster, &[]);
+    let leader = cluster.leader().await.expect("a leader");
+    let victim = (leader + 1) % cluster.len();
+    let survivors: Vec<String> = (0..cluster.len())
+        .filter(|&i| i != victim)
+        .map(|i| cluster.member(i).client_endpoint())
+        .collect();
+    // Writes and set-up go straight to the surviving members; only the streams use the proxy.
+    let mut direct = connect(&survivors).await;
+    let mut proxied = connect(std::slice::from_ref(&addr)).await;
+
+    // Each key is first written before the streams exist, so prev_kv is known for every event.
+    for i in 0..WRITES {
+        direct
+            .put(format!("ev/{i:02}"), "old", None)
+            .await
+            .expect("put");
+    }
+    let from = direct
+        .get(
+            "ev/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision()
+        + 1;
+
+    let mut leases = Vec::new();
+    for _ in 0..STREAMS {
+        leases.push(direct.lease_grant(4, None).await.expect("grant").id());
+    }
+    let campaign = direct
+        .campaign("ballot", "first", leases[0])
+        .await
+        .expect("campaign");
+    let leader_key = campaign.leader().expect("leader key").clone();
+
+    // The streams, consecutively through the proxy.
+    let mut watches = Vec::new();
+    for _ in 0..STREAMS {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from)
+            .with_prev_key();
+        watches.push(proxied.watch("ev/", Some(opts)).await.expect("watch"));
+    }
+    let mut keepers = Vec::new();
+    for &id in &leases {
+        keepers.push(proxied.lease_keep_alive(id).await.expect("keep-alive"));
+    }
+    let mut observers = Vec::new();
+    for _ in 0..STREAMS {
+        observers.push(proxied.observe("ballot").await.expect("observe"));
+    }
+
+    // Keep the leases alive through the proxy every second from now on, counting answers
+    // with a TTL after the kill.
+    let killed_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let mut keep_tasks = Vec::new();
+    for (mut keeper, mut stream) in keepers {
+        let killed_at = killed_at.clone();
+        keep_tasks.push(tokio::spawn(async move {
+            let mut after_kill = 0;
+            let end = Instant::now() + Duration::from_secs(14);
+            while Instant::now() < end {
+                keeper.keep_alive().await.expect("send keep-alive");
+                let resp = tokio::time::timeout(Duration::from_secs(3), stream.message())
+                    .await
+                    .expect("keep-alive answered within 3 s")
+                    .expect("keep-alive stream error")
+                    .expect("keep-alive stream ended");
+                assert!(resp.ttl() > 0, "lease {} expired: {resp:?}", keeper.id());
+                if killed_at
+                    .get()
+                    .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+                {
+                    after_kill += 1;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            after_kill
+        }));
+    }
+
+    // Half the writes, the kill, the other half.
+    let mut written = BTreeMap::new();
+    for i in 0..WRITES {
+        if i == WRITES / 2 {
+            cluster.kill(victim);
+            let _ = killed_at.set(Instant::now());
+        }
+        let key = format!("ev/{i:02}");
+        let resp = direct.put(key.as_str(), "new", None).await.expect("put");
+        written.insert(key, resp.header().expect("header").revision());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let expected: Vec<(String, i64, Option<String>)> = {
+        let mut v: Vec<_> = written
+            .iter()
+            .map(|(k, &r)| (k.clone(), r, Some("old".to_string())))
+            .collect();
+        v.sort_by_key(|e| e.1);
+        v
+    };
+    for (n, w) in watches.iter_mut().enumerate() {
+        let got = collect_events(w, WRITES).await;
+        assert_eq!(
+            got, expected,
+            "watch stream {n}: every event exactly once, in order"
+        );
+    }
+
+    // A new leader value after the kill reaches every observer once, right after the first.
+    direct
+        .proclaim(
+            "second",
+            Some(etcd_client::ProclaimOptions::new().with_leader(leader_key)),
+        )
+        .await
+        .expect("proclaim");
+    for (n, o) in observers.iter_mut().enumerate() {
+        let mut values = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while values.last().map(String::as_str) != Some("second") {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, o.message())
+                .await
+                .unwrap_or_else(|_| panic!("observer {n} saw only {values:?}"))
+                .expect("observe error")
+                .expect("observe ended");
+            values.push(
+                msg.kv()
+                    .expect("leader kv")
+                    .value_str()
+                    .expect("utf-8")
+                    .to_string(),
+            );
+        }
+        assert_eq!(values, ["first", "second"], "observer {n}");
+    }
+
+    for t in keep_tasks {
+        let after_kill = t.await.expect("keep-alive task");
+        assert!(
+            after_kill >= 5,
+            "only {after_kill} keep-alives answered after the kill"
+        );
+    }
+    for &id in &leases {
+        let ttl = direct
+            .lease_time_to_live(id, None)
+            .await
+            .expect("ttl")
+            .ttl();
+        assert!(
+            ttl > 0,
+            "lease {id:x} kept alive through the proxy has expired"
+        );
+    }
+    let moves = p.log_entries("moving a stream to another etcd member");
+    let paths: Vec<&str> = moves.iter().filter_map(|e| e["method"].as_str()).collect();
+    for path in [
+        "/etcdserverpb.Watch/Watch",
+        "/etcdserverpb.Lease/LeaseKeepAlive",
+        "/v3electionpb.Election/Observe",
+    ] {
+        assert!(
+            paths.contains(&path),
+            "no {path} stream moved: {moves:?}\n{}",
+            p.log()
+        );
+    }
+}
