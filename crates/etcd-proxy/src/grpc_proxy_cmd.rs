@@ -50,6 +50,7 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         "--endpoints-auto-sync-interval",
         args.endpoints_auto_sync_interval,
     )?;
+    config.pprof = args.enable_pprof;
 
     let listener = TcpListener::bind(args.listen_addr.as_str())
         .await
@@ -111,7 +112,6 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
             "insecure-discovery",
             args.insecure_discovery != d.insecure_discovery,
         ),
-        ("enable-pprof", args.enable_pprof != d.enable_pprof),
         ("max-send-bytes", args.max_send_bytes != d.max_send_bytes),
         ("max-recv-bytes", args.max_recv_bytes != d.max_recv_bytes),
         (
@@ -234,6 +234,7 @@ mod tests {
         assert!(
             reject_unsupported(&args(&[
                 "--debug",
+                "--enable-pprof",
                 "--max-concurrent-streams=100",
                 "--dial-keepalive-time=10s",
                 "--permit-without-stream",

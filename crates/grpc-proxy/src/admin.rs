@@ -95,7 +95,7 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
 }
 
 /// Go's `http.Error`: the message and a newline, as plain text that must not be sniffed.
-fn go_error(status: StatusCode, message: &str) -> Response<HttpBody> {
+pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<HttpBody> {
     let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -17,8 +17,10 @@ pub mod admin;
 pub mod cluster;
 pub mod forward;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
 pub mod namespace;
+pub mod profiling;
 pub mod resume;
 pub mod rewrite;
 pub mod upstream;
@@ -94,6 +96,8 @@ pub struct Config {
     /// `--endpoints-auto-sync-interval`: how often the members are refreshed from etcd's
     /// MemberList; `None` never.
     pub auto_sync_interval: Option<Duration>,
+    /// `--enable-pprof`: serve CPU profiles under `/debug/pprof/` on the main port.
+    pub pprof: bool,
 }
 
 impl Config {
@@ -118,6 +122,7 @@ impl Config {
             hostname: String::new(),
             resolver: None,
             auto_sync_interval: None,
+            pprof: false,
         }
     }
 }
@@ -146,6 +151,8 @@ struct State {
     member_list: Option<Arc<cluster::Cluster>>,
     /// The proxy's own calls to etcd (the lease check under `--namespace`).
     cluster: Arc<cluster::Cluster>,
+    /// Set with `--enable-pprof`: `/debug/pprof/` on the main port.
+    profiler: Option<profiling::Profiler>,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -165,6 +172,7 @@ pub async fn serve_with_metrics(
         rewriter,
         member_list: cluster.answers_member_list().then(|| cluster.clone()),
         cluster: cluster.clone(),
+        profiler: config.pprof.then(profiling::Profiler::new),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -275,6 +283,11 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);
         Response::from_parts(parts, Either::Left(body))
+    } else if port == Port::Main
+        && let Some(profiler) = &state.profiler
+        && profiling::Profiler::serves(req.uri().path())
+    {
+        profiler.handle(&req).await.map(Either::Right)
     } else {
         admin::handle(&state.admin, req).await.map(Either::Right)
     }
