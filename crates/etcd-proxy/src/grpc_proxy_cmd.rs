@@ -19,6 +19,19 @@ use crate::signals::ShutdownSignals;
 /// grpc-go's default when `--grpc-keepalive-timeout` or `--dial-keepalive-timeout` is 0.
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A message size flag: at least 1 byte (grpc-go would fail every call with 0 or less, so the
+/// proxy refuses to start instead).
+fn message_limit(flag: &str, value: i64) -> Result<usize, ExitError> {
+    usize::try_from(value)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| {
+            ExitError::new(format!(
+                "{flag} must be a positive number of bytes, got {value}"
+            ))
+        })
+}
+
 /// Validates the flags, binds, logs `started gRPC proxy` and serves until a shutdown signal.
 pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
     reject_unsupported(&args)?;
@@ -51,6 +64,8 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         args.endpoints_auto_sync_interval,
     )?;
     config.pprof = args.enable_pprof;
+    config.limits.send = message_limit("--max-send-bytes", args.max_send_bytes)?;
+    config.limits.recv = message_limit("--max-recv-bytes", args.max_recv_bytes)?;
 
     let listener = TcpListener::bind(args.listen_addr.as_str())
         .await
@@ -112,8 +127,6 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
             "insecure-discovery",
             args.insecure_discovery != d.insecure_discovery,
         ),
-        ("max-send-bytes", args.max_send_bytes != d.max_send_bytes),
-        ("max-recv-bytes", args.max_recv_bytes != d.max_recv_bytes),
         (
             "grpc-keepalive-min-time",
             args.grpc_keepalive_min_time != d.grpc_keepalive_min_time,

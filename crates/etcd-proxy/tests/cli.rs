@@ -356,6 +356,20 @@ fn grpc_proxy_checks_flag_combinations_before_starting() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o), "invalid resolver-ttl 0\n");
+
+    for flag in ["--max-send-bytes=0", "--max-recv-bytes=-1"] {
+        let o = run(&[
+            "grpc-proxy",
+            "start",
+            "--listen-addr=127.0.0.1:0",
+            "--endpoints=127.0.0.1:1",
+            flag,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{flag}");
+        let (name, value) = flag.split_once('=').unwrap();
+        let want = format!("{name} must be a positive number of bytes, got {value}");
+        assert!(stderr(&o).contains(&want), "{flag}: {}", stderr(&o));
+    }
 }
 
 #[test]
@@ -366,13 +380,13 @@ fn grpc_proxy_start_refuses_unbuilt_flags_and_logs_argv() {
         "--endpoints=127.0.0.1:1,127.0.0.1:2",
         "--listen-addr=127.0.0.1:0",
         "--debug",
-        "--max-send-bytes=2097152",
+        "--cacert=ca.pem",
         "--grpc-keepalive-interval=1h30m",
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
-        err.contains("--max-send-bytes is not supported yet"),
+        err.contains("--cacert is not supported yet"),
         "{err}"
     );
     // The startup line etcd 3.5.3+ writes, with the whole argv as an array.

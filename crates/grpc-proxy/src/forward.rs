@@ -13,13 +13,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http_body_util::BodyExt;
+use tokio::sync::oneshot;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 
 use crate::cluster::Cluster;
+use crate::limits::MessageLimit;
 use crate::resume::{self, Stream};
-use crate::rewrite::{self, Limits, Method, RequestBody, ResponseStream, Rewriter};
+use crate::rewrite::{
+    self, Limits, Method, RequestBody, RequestBodyError, ResponseStream, Rewriter,
+};
 use crate::upstream::{SendError, Upstream};
 
 /// gRPC's `UNAVAILABLE`: clients treat it as "try again / another endpoint".
@@ -97,12 +101,12 @@ pub async fn handle(
     upstream: &Arc<Upstream>,
     rewriter: Option<&Arc<Rewriter>>,
     cluster: &Cluster,
+    limits: Limits,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
         (Handler::Resume(stream), rw) => {
             let namespace = rw.map(|rw| rw.namespace().clone());
-            let limits = rw.map_or_else(Limits::default, |rw| rw.limits());
             resume::handle(upstream, namespace, limits, stream, req).await
         }
         (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
@@ -110,8 +114,17 @@ pub async fn handle(
             crate::lease::guard_revoke(upstream, cluster, rw, req).await
         }
         (Handler::Refuse(code, message), _) => status_response(code, message),
-        (Handler::Read, _) => send_read(upstream, req).await,
-        _ => send(upstream, req.map(RequestBody::Client)).await,
+        (Handler::Read, _) => send_read(upstream, limits, req).await,
+        _ => {
+            let (tx, mut refusal) = oneshot::channel();
+            let req = req.map(|b| RequestBody::client(b, limits, Some(tx)));
+            let resp = send(upstream, limits, req).await;
+            // A message over a limit ended the call: the client learns why.
+            match refusal.try_recv() {
+                Ok(status) => status_response(status.code, &status.message),
+                Err(_) => resp,
+            }
+        }
     }
 }
 
@@ -143,19 +156,38 @@ const READ_ATTEMPTS: usize = 3;
 /// Sends a read ([`is_read`]) to a member, and again to another one when the member's
 /// connection breaks before it answers or it answers `UNAVAILABLE` at once (stopping, no
 /// leader). The request is read whole first (reads are small) so that it can be sent again.
-async fn send_read(upstream: &Upstream, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn send_read(
+    upstream: &Upstream,
+    limits: Limits,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
-    let max = Limits::default().request;
-    let body = match http_body_util::Limited::new(body, max + 5).collect().await {
+    // The scanner refuses a message over a limit as soon as its prefix arrives; `Limited`
+    // bounds a body of many messages (not gRPC for a unary call, but it must not grow memory).
+    let checked = RequestBody::client(body, limits, None);
+    let body = match http_body_util::Limited::new(checked, limits.request + 5)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
-            return match e.downcast::<http_body_util::LengthLimitError>() {
-                Ok(_) => status_response(
+            return match e.downcast::<RequestBodyError>() {
+                Ok(e) => match *e {
+                    RequestBodyError::Refused(status) => {
+                        status_response(status.code, &status.message)
+                    }
+                    // The client reset its call: nobody is left to answer.
+                    RequestBodyError::Client(e) => {
+                        status_response(CANCELLED, &format!("client stream: {e}"))
+                    }
+                },
+                Err(_) => status_response(
                     RESOURCE_EXHAUSTED,
-                    &format!("grpc: received message larger than max (more than {max} bytes)"),
+                    &format!(
+                        "grpc: received message larger than max (more than {} bytes)",
+                        limits.request
+                    ),
                 ),
-                // The client reset its call: nobody is left to answer.
-                Err(e) => status_response(CANCELLED, &format!("client stream: {e}")),
             };
         }
     };
@@ -166,10 +198,7 @@ async fn send_read(upstream: &Upstream, req: Request<Incoming>) -> Response<Resp
             Ok((resp, member)) => {
                 let refused = crate::resume::grpc_status(resp.headers()) == Some(UNAVAILABLE);
                 if !refused || attempt == READ_ATTEMPTS {
-                    return resp.map(|inner| ResponseBody::Upstream {
-                        inner,
-                        failed: false,
-                    });
+                    return resp.map(|inner| ResponseBody::upstream(inner, limits));
                 }
                 tracing::debug!(
                     member = member.name(),
@@ -191,18 +220,22 @@ async fn send_read(upstream: &Upstream, req: Request<Incoming>) -> Response<Resp
     status_response(UNAVAILABLE, "no etcd member answered the read")
 }
 
-/// Sends `req` to a member and relays its answer as is.
-pub(crate) async fn send(upstream: &Upstream, req: Request<RequestBody>) -> Response<ResponseBody> {
+/// Sends `req` to a member and relays its answer as is (its messages checked against
+/// `limits.recv`).
+pub(crate) async fn send(
+    upstream: &Upstream,
+    limits: Limits,
+    req: Request<RequestBody>,
+) -> Response<ResponseBody> {
     match upstream.send(req).await {
-        Ok(resp) => resp.map(|inner| ResponseBody::Upstream {
-            inner,
-            failed: false,
-        }),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot forward a gRPC call");
-            status_response(UNAVAILABLE, &e.to_string())
-        }
+        Ok(resp) => resp.map(|inner| ResponseBody::upstream(inner, limits)),
+        Err(e) => send_error(e),
     }
+}
+
+fn send_error(e: SendError) -> Response<ResponseBody> {
+    tracing::debug!(error = %e, "cannot forward a gRPC call");
+    status_response(UNAVAILABLE, &e.to_string())
 }
 
 /// The body of a response to a client: etcd's, relayed frame by frame, or none (a trailers-only
@@ -217,6 +250,8 @@ pub enum ResponseBody {
         inner: Incoming,
         /// The stream broke and the replacement trailers were sent: nothing more follows.
         failed: bool,
+        /// Follows the message prefixes (`--max-recv-bytes`).
+        scan: MessageLimit,
     },
     /// No body: the status is in the response headers.
     Empty,
@@ -233,6 +268,17 @@ pub enum ResponseBody {
         /// The trailers, until sent.
         trailers: Option<HeaderMap>,
     },
+}
+
+impl ResponseBody {
+    /// etcd's body relayed as is, its messages checked against `limits.recv`.
+    pub(crate) fn upstream(inner: Incoming, limits: Limits) -> ResponseBody {
+        ResponseBody::Upstream {
+            inner,
+            failed: false,
+            scan: MessageLimit::new(limits.recv),
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -253,12 +299,28 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            ResponseBody::Upstream { inner, failed } => {
+            ResponseBody::Upstream {
+                inner,
+                failed,
+                scan,
+            } => {
                 if *failed {
                     return Poll::Ready(None);
                 }
                 match ready!(Pin::new(inner).poll_frame(cx)) {
-                    Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref()
+                            && let Err(e) = scan.scan(data)
+                        {
+                            // Dropping etcd's body on the way out resets its stream.
+                            *failed = true;
+                            return Poll::Ready(Some(Ok(Frame::trailers(status_headers(
+                                RESOURCE_EXHAUSTED,
+                                &e.to_string(),
+                            )))));
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
                     None => Poll::Ready(None),
                     Some(Err(e)) => {
                         *failed = true;
@@ -280,7 +342,7 @@ impl Body for ResponseBody {
             ResponseBody::Rewritten(stream) => stream.is_end_stream(),
             ResponseBody::Channel(rx) => rx.is_closed() && rx.is_empty(),
             ResponseBody::Local { message, trailers } => message.is_none() && trailers.is_none(),
-            ResponseBody::Upstream { inner, failed } => *failed || inner.is_end_stream(),
+            ResponseBody::Upstream { inner, failed, .. } => *failed || inner.is_end_stream(),
         }
     }
 

@@ -83,6 +83,7 @@ pub async fn guard_revoke(
     // A key attached between the check above and this revoke is not seen (module comment).
     send(
         upstream,
+        rewriter.limits(),
         Request::from_parts(parts, RequestBody::Buffered(Some(body))),
     )
     .await

@@ -84,8 +84,9 @@ pub struct Config {
     pub health_check_interval: Duration,
     /// `--namespace`: the prefix every client key goes under; `None` for none.
     pub namespace: Option<namespace::Namespace>,
-    /// Largest messages the proxy decodes, where it must look inside a call (namespace).
-    pub rewrite_limits: rewrite::Limits,
+    /// Message size limits: gRPC's server default, `--max-send-bytes`, `--max-recv-bytes`, and
+    /// the largest message the proxy decodes where it must look inside a call.
+    pub limits: rewrite::Limits,
     /// `--advertise-client-url`: the address this proxy registers under `--resolver-prefix`.
     pub advertise_client_url: String,
     /// This host's name, put in the registration value's metadata as etcd does.
@@ -117,7 +118,7 @@ impl Config {
             drain_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),
             namespace: None,
-            rewrite_limits: rewrite::Limits::default(),
+            limits: rewrite::Limits::default(),
             advertise_client_url: "127.0.0.1:23790".to_string(),
             hostname: String::new(),
             resolver: None,
@@ -151,6 +152,8 @@ struct State {
     member_list: Option<Arc<cluster::Cluster>>,
     /// The proxy's own calls to etcd (the lease check under `--namespace`).
     cluster: Arc<cluster::Cluster>,
+    /// Message size limits.
+    limits: rewrite::Limits,
     /// Set with `--enable-pprof`: `/debug/pprof/` on the main port.
     profiler: Option<profiling::Profiler>,
 }
@@ -172,6 +175,7 @@ pub async fn serve_with_metrics(
         rewriter,
         member_list: cluster.answers_member_list().then(|| cluster.clone()),
         cluster: cluster.clone(),
+        limits: config.limits,
         profiler: config.pprof.then(profiling::Profiler::new),
         admin: Admin {
             upstream,
@@ -275,6 +279,7 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
                     &state.admin.upstream,
                     state.rewriter.as_ref(),
                     &state.cluster,
+                    state.limits,
                     req,
                 )
                 .await

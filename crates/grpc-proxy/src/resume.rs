@@ -143,6 +143,7 @@ async fn start<P: Policy>(
         client: Client {
             body,
             decoder: Decoder::new(limits.request),
+            limits,
             done: false,
         },
     };
@@ -167,6 +168,7 @@ enum ClientEvent<R> {
 struct Client {
     body: Incoming,
     decoder: Decoder,
+    limits: Limits,
     done: bool,
 }
 
@@ -176,6 +178,9 @@ impl Client {
         loop {
             match self.decoder.next_message() {
                 Ok(Some(payload)) => {
+                    if let Err(status) = self.limits.check_send(payload.len()) {
+                        return ClientEvent::Bad(status.code, status.message);
+                    }
                     return match R::decode(payload) {
                         Ok(m) => ClientEvent::Message(m),
                         Err(e) => ClientEvent::Bad(
@@ -396,7 +401,7 @@ impl<P: Policy> Session<P> {
             served: true,
         };
 
-        let mut decoder = Decoder::new(self.limits.response);
+        let mut decoder = Decoder::new(self.limits.decoded_response());
         let mut failed = pin!(serving.failed());
         let client_left = out.clone();
         let mut client_left = pin!(client_left.closed());

@@ -34,6 +34,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use crate::forward::{ResponseBody, status_headers, status_response};
+use crate::limits::{Direction as LimitSide, MessageLimit, TooLarge};
 use crate::namespace::{Namespace, OutsideNamespace, Refusal};
 use crate::upstream::Upstream;
 
@@ -50,16 +51,21 @@ const PREFIX: usize = 5;
 /// The client's list of compressions it accepts; not passed on, so etcd never compresses.
 pub(crate) const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 
-/// Size bounds of decoded messages.
+/// Message size limits, on every path (forwarded as bytes, rewritten, resumed streams).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest request message from a client: gRPC's default server limit (4 MiB), which is
     /// also what etcd's proxy accepts.
     pub request: usize,
-    /// Largest response message from etcd. clientv3 accepts up to 2 GiB and a range response
-    /// can be large, so this is higher than gRPC's 4 MiB, but bounded: a response must fit in
-    /// memory whole to be rewritten.
+    /// Largest response message from etcd that the proxy decodes (namespace, resumed
+    /// streams). clientv3 accepts up to 2 GiB and a range response can be large, so this is
+    /// higher than gRPC's 4 MiB, but bounded: a message must fit in memory whole to be decoded.
     pub response: usize,
+    /// `--max-send-bytes`: largest request message sent to etcd (etcd's proxy's client-side
+    /// `MaxCallSendMsgSize`, 1.5 MiB by default, like etcd's own `--max-request-bytes`).
+    pub send: usize,
+    /// `--max-recv-bytes`: largest response message taken from etcd (`MaxCallRecvMsgSize`).
+    pub recv: usize,
 }
 
 impl Default for Limits {
@@ -67,7 +73,57 @@ impl Default for Limits {
         Limits {
             request: 4 << 20,
             response: 64 << 20,
+            send: 1_572_864,
+            recv: i32::MAX as usize,
         }
+    }
+}
+
+impl Limits {
+    /// A scanner of client messages forwarded as bytes: stops any over the server limit or
+    /// the send limit ([`Limits::request_refusal`] says which).
+    pub fn request_scanner(&self) -> MessageLimit {
+        MessageLimit::new(self.request.min(self.send))
+    }
+
+    /// The status for a client message of `len` bytes that the scanner stopped: over gRPC's
+    /// server limit it was never received; otherwise it could not be sent on (grpc-go's texts).
+    pub fn request_refusal(&self, len: usize) -> Status {
+        let (max, direction) = if len > self.request {
+            (self.request, LimitSide::Receive)
+        } else {
+            (self.send, LimitSide::Send)
+        };
+        TooLarge {
+            len,
+            max,
+            direction,
+        }
+        .into()
+    }
+
+    /// Checks a request message (already decoded, possibly rewritten) against the send limit.
+    pub fn check_send(&self, len: usize) -> Result<(), Status> {
+        if len > self.send {
+            return Err(TooLarge {
+                len,
+                max: self.send,
+                direction: LimitSide::Send,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The largest response message the proxy decodes.
+    pub fn decoded_response(&self) -> usize {
+        self.response.min(self.recv)
+    }
+}
+
+impl From<TooLarge> for Status {
+    fn from(e: TooLarge) -> Status {
+        Status::new(TooLarge::GRPC_CODE, e.to_string())
     }
 }
 
@@ -81,7 +137,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn new(code: u16, message: impl Into<String>) -> Status {
+    pub(crate) fn new(code: u16, message: impl Into<String>) -> Status {
         Status {
             code,
             message: message.into(),
@@ -309,7 +365,7 @@ impl Rewriter {
         config
             .namespace
             .clone()
-            .map(|ns| Arc::new(Rewriter::new(ns, config.rewrite_limits)))
+            .map(|ns| Arc::new(Rewriter::new(ns, config.limits)))
     }
 
     /// Rewrites one message of `method` going in direction `dir`; appends it framed to `out`.
@@ -426,7 +482,7 @@ impl Transform {
     fn new(rewriter: Arc<Rewriter>, method: Method, dir: Direction) -> Transform {
         let max = match dir {
             Direction::Request => rewriter.limits.request,
-            Direction::Response => rewriter.limits.response,
+            Direction::Response => rewriter.limits.decoded_response(),
         };
         Transform {
             decoder: Decoder::new(max),
@@ -441,8 +497,14 @@ impl Transform {
         self.decoder.push(data);
         let mut out = BytesMut::new();
         while let Some(message) = self.decoder.next_message()? {
+            let start = out.len();
             self.rewriter
                 .message(self.method, self.dir, message, &mut out)?;
+            if self.dir == Direction::Request {
+                // The prefix added to keys counts towards what is sent to etcd.
+                let len = out.len() - start - PREFIX;
+                self.rewriter.limits.check_send(len)?;
+            }
         }
         Ok(out.freeze())
     }
@@ -466,8 +528,18 @@ pub enum RequestBodyError {
 /// The body of a call sent to etcd: the client's, as is, or rewritten.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// The client's body, relayed frame by frame.
-    Client(Incoming),
+    /// The client's body, relayed frame by frame, its message sizes checked on the way.
+    Client {
+        /// The client's body.
+        inner: Incoming,
+        /// Follows the message prefixes.
+        scan: MessageLimit,
+        /// The limits the scanner enforces, for the refusal's text.
+        limits: Limits,
+        /// Where a refusal goes, for the handler to answer the client with (hyper does not
+        /// hand a body's error back to the caller).
+        refusal: Option<oneshot::Sender<Status>>,
+    },
     /// The client's messages, rewritten.
     Rewritten(RequestStream),
     /// The client's whole body, read before it is sent (unary calls checked first); `None` once
@@ -476,6 +548,23 @@ pub enum RequestBody {
     /// Framed messages written by the proxy (a stream that survives its member,
     /// [`crate::resume`]); ends when the sender is dropped.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl RequestBody {
+    /// The client's body forwarded as bytes, its message sizes checked against `limits`; a
+    /// message over a limit ends it, and its status is sent to `refusal`.
+    pub fn client(
+        inner: Incoming,
+        limits: Limits,
+        refusal: Option<oneshot::Sender<Status>>,
+    ) -> RequestBody {
+        RequestBody::Client {
+            inner,
+            scan: limits.request_scanner(),
+            limits,
+            refusal,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -487,9 +576,25 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         match self.get_mut() {
-            RequestBody::Client(inner) => Pin::new(inner)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(RequestBodyError::Client))),
+            RequestBody::Client {
+                inner,
+                scan,
+                limits,
+                refusal,
+            } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if let Some(Ok(frame)) = &frame
+                    && let Some(data) = frame.data_ref()
+                    && let Err(e) = scan.scan(data)
+                {
+                    let status = limits.request_refusal(e.len);
+                    if let Some(tx) = refusal.take() {
+                        let _ = tx.send(status.clone());
+                    }
+                    return Poll::Ready(Some(Err(RequestBodyError::Refused(status))));
+                }
+                Poll::Ready(frame.map(|r| r.map_err(RequestBodyError::Client)))
+            }
             RequestBody::Rewritten(stream) => Pin::new(stream).poll_frame(cx),
             RequestBody::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RequestBody::Channel(rx) => rx.poll_recv(cx).map(|m| m.map(|d| Ok(Frame::data(d)))),
@@ -498,7 +603,7 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Client(inner) => inner.is_end_stream(),
+            RequestBody::Client { inner, .. } => inner.is_end_stream(),
             RequestBody::Rewritten(stream) => stream.done,
             RequestBody::Buffered(data) => data.is_none(),
             RequestBody::Channel(rx) => rx.is_closed() && rx.is_empty(),
@@ -507,7 +612,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Client(inner) => inner.size_hint(),
+            RequestBody::Client { inner, .. } => inner.size_hint(),
             RequestBody::Rewritten(_) | RequestBody::Channel(_) => SizeHint::default(),
             RequestBody::Buffered(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
@@ -722,10 +827,7 @@ pub async fn handle(
             Response::from_parts(parts, ResponseBody::Rewritten(body))
         }
         // Not a gRPC response: relayed as it is.
-        Ok(resp) => resp.map(|inner| ResponseBody::Upstream {
-            inner,
-            failed: false,
-        }),
+        Ok(resp) => resp.map(|inner| ResponseBody::upstream(inner, rewriter.limits)),
         Err(e) => {
             if let Some(status) = refused.as_mut().and_then(|rx| rx.try_recv().ok()) {
                 return status_response(status.code, &status.message);
