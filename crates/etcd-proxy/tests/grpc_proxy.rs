@@ -151,6 +151,24 @@ async fn cluster_and_maintenance_through_the_proxy() {
     let status = ok(ctl(&cluster, &addr, &["endpoint", "status"]));
     assert!(status.starts_with(&addr), "{status}");
 
+    // The standard gRPC health service: Check{service: ""} is SERVING (status 1), as etcd
+    // answers it directly; an unknown service is etcd's NOT_FOUND.
+    const CHECK: &str = "/grpc.health.v1.Health/Check";
+    let (code, message, body) = common::raw_call_body(&addr, CHECK, &[0, 0, 0, 0, 0], false).await;
+    assert_eq!(
+        (code.as_str(), &body[..]),
+        ("0", &[0, 0, 0, 0, 2, 0x08, 0x01][..]),
+        "{message}"
+    );
+    let unknown = [0, 0, 0, 0, 4, 0x0a, 0x02, b'n', b'o'];
+    let direct = cluster.member(0).client_endpoint();
+    let via_proxy = common::raw_call(&addr, CHECK, &unknown, false).await;
+    assert_eq!(
+        via_proxy,
+        common::raw_call(&direct, CHECK, &unknown, false).await
+    );
+    assert_eq!(via_proxy.0, "5", "{via_proxy:?}");
+
     ok(ctl(&cluster, &addr, &["put", "snap", "shot"]));
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("snap.db");

@@ -34,6 +34,24 @@ fn registered_proxy(cluster: &Cluster, port: u16) -> ProxyProcess {
     p
 }
 
+/// A MemberList request message larger than the proxy reads (64 KiB): a field 99 with 70 000
+/// bytes, which etcd would ignore.
+fn over_limit() -> Vec<u8> {
+    let payload_len: usize = 70_000;
+    let mut field = vec![0x9a, 0x06]; // tag of field 99, length-delimited
+    let mut n = payload_len;
+    while n >= 0x80 {
+        field.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    field.push(n as u8);
+    field.resize(field.len() + payload_len, b'x');
+    let mut body = vec![0];
+    body.extend_from_slice(&(field.len() as u32).to_be_bytes());
+    body.extend_from_slice(&field);
+    body
+}
+
 /// The registration keys and values in etcd, read directly.
 fn registrations(cluster: &Cluster) -> String {
     ok(cluster.etcdctl(&["get", "--prefix", &format!("{PREFIX}/")]))
@@ -108,6 +126,36 @@ async fn proxies_register_and_member_list_shows_them() {
             .collect();
         assert!(ids.iter().all(|&id| id != 0) && ids[0] != ids[1], "{json}");
     }
+    // A MemberList the proxy cannot read gets grpc-go's code for the reason, as etcd would.
+    const PATH: &str = "/etcdserverpb.Cluster/MemberList";
+    for (what, body, code, message) in [
+        ("compressed", vec![1, 0, 0, 0, 0], "12", "compressed"),
+        ("over the limit", over_limit(), "8", "larger than max"),
+        (
+            "truncated",
+            vec![0, 0, 0, 0, 9, 8],
+            "13",
+            "ended in the middle",
+        ),
+        (
+            "not a MemberListRequest",
+            vec![0, 0, 0, 0, 2, 0x08, 0x80],
+            "13",
+            "unmarshalling",
+        ),
+    ] {
+        let (got_code, got_message) = common::raw_call(&addr_a, PATH, &body, false).await;
+        assert_eq!(got_code, code, "{what}: {got_message}");
+        assert!(got_message.contains(message), "{what}: {got_message}");
+    }
+    // An empty request (no message at all) is answered.
+    assert_eq!(
+        common::raw_call(&addr_a, PATH, &[0, 0, 0, 0, 0], false)
+            .await
+            .0,
+        "0"
+    );
+
     // Other calls still work through a registering proxy.
     ok(cluster.etcdctl_at(&addr_a, &["put", "k", "v"]));
     assert_eq!(ok(cluster.etcdctl_at(&addr_b, &["get", "k"])), "k\nv\n");

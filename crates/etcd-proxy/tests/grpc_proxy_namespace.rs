@@ -63,53 +63,6 @@ fn lines(rx: &Receiver<String>, n: usize) -> Vec<String> {
     out
 }
 
-/// Sends `body` as the request body of a gRPC call to `path` over a fresh HTTP/2 connection
-/// (in two DATA frames when `split`); returns `grpc-status` and `grpc-message`.
-async fn raw_call(addr: &str, path: &str, body: &[u8], split: bool) -> (String, String) {
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
-    let chunks = if split {
-        vec![
-            Bytes::copy_from_slice(&body[..2]),
-            Bytes::copy_from_slice(&body[2..]),
-        ]
-    } else {
-        vec![Bytes::copy_from_slice(body)]
-    };
-    let frames = futures::stream::iter(
-        chunks
-            .into_iter()
-            .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
-    );
-    let req = hyper::Request::post(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(StreamBody::new(frames))
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
-    let mut headers = resp.headers().clone();
-    let collected = resp.into_body().collect().await.expect("body");
-    if let Some(trailers) = collected.trailers() {
-        headers.extend(trailers.clone());
-    }
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    (get("grpc-status"), get("grpc-message"))
-}
-
 fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -471,7 +424,7 @@ async fn namespace_covers_leases_locks_and_elections() {
     // A compressed message (no compression was negotiated) is refused, whole or split.
     for split in [false, true] {
         let (code, message) =
-            raw_call(&addr, "/etcdserverpb.KV/Put", &[1, 0, 0, 0, 1, 0], split).await;
+            common::raw_call(&addr, "/etcdserverpb.KV/Put", &[1, 0, 0, 0, 1, 0], split).await;
         assert_eq!(code, "12", "{message}");
         assert!(message.contains("compressed"), "{message}");
     }

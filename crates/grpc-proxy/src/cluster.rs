@@ -27,7 +27,7 @@ use etcd_api::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, Member,
     MemberListRequest, MemberListResponse, PutRequest, RangeRequest,
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
@@ -361,29 +361,45 @@ impl Cluster {
             return status_response(Code::Internal as u16, "MemberList: no resolver prefix");
         };
         let token = req.headers().get("token").cloned();
-        let body = match Limited::new(req.into_body(), MAX_MEMBER_LIST_REQUEST)
+        let body = match Limited::new(req.into_body(), MAX_MEMBER_LIST_REQUEST + 5)
             .collect()
             .await
         {
             Ok(b) => b.to_bytes(),
-            Err(e) => {
+            Err(e) if e.is::<LengthLimitError>() => {
                 return status_response(
-                    Code::Internal as u16,
-                    &format!("reading the request: {e}"),
+                    Code::ResourceExhausted as u16,
+                    &format!(
+                        "grpc: received message larger than max (more than {MAX_MEMBER_LIST_REQUEST} bytes)"
+                    ),
                 );
+            }
+            // The client reset its call.
+            Err(e) => {
+                return status_response(Code::Cancelled as u16, &format!("client stream: {e}"));
             }
         };
         let mut decoder = Decoder::new(MAX_MEMBER_LIST_REQUEST);
         decoder.push(&body);
-        let request = match decoder.next_message() {
-            Ok(Some(m)) => MemberListRequest::decode(m).ok(),
-            _ => None,
-        };
-        let Some(request) = request else {
-            return status_response(
-                Code::Internal as u16,
-                "grpc: failed to unmarshal the MemberList request",
-            );
+        let message = decoder
+            .next_message()
+            .and_then(|m| decoder.finish().map(|()| m));
+        let request = match message {
+            // A body with no message is an empty request, as grpc-go reads it.
+            Ok(m) => match MemberListRequest::decode(m.unwrap_or_default()) {
+                Ok(r) => r,
+                Err(e) => {
+                    return status_response(
+                        Code::Internal as u16,
+                        &format!("grpc: error unmarshalling request: {e}"),
+                    );
+                }
+            },
+            // Compressed (UNIMPLEMENTED), over the limit (RESOURCE_EXHAUSTED), truncated.
+            Err(e) => {
+                let status = crate::rewrite::Status::from(e);
+                return status_response(status.code, &status.message);
+            }
         };
         let range = RangeRequest {
             key: reg.range.clone(),

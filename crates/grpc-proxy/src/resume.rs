@@ -54,7 +54,6 @@ use crate::upstream::{SendError, Upstream};
 pub const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
 
 /// gRPC codes used here.
-const INVALID_ARGUMENT: u16 = 3;
 const INTERNAL: u16 = 13;
 const UNAVAILABLE: u16 = 14;
 
@@ -183,9 +182,10 @@ impl Client {
                     }
                     return match R::decode(payload) {
                         Ok(m) => ClientEvent::Message(m),
+                        // grpc-go's answer to a request it cannot decode.
                         Err(e) => ClientEvent::Bad(
-                            INVALID_ARGUMENT,
-                            format!("grpc: failed to unmarshal the request: {e}"),
+                            INTERNAL,
+                            format!("grpc: error unmarshalling request: {e}"),
                         ),
                     };
                 }

@@ -293,3 +293,62 @@ pub fn start_grpc_proxy(cluster: &testkit::Cluster, extra: &[&str]) -> (ProxyPro
     let addr = p.grpc_address();
     (p, addr)
 }
+
+/// Sends `body` as the request body of a gRPC call to `path` over a fresh HTTP/2 connection
+/// (in two DATA frames when `split`); returns `grpc-status` and `grpc-message`.
+pub async fn raw_call(addr: &str, path: &str, body: &[u8], split: bool) -> (String, String) {
+    let (status, message, _) = raw_call_body(addr, path, body, split).await;
+    (status, message)
+}
+
+/// [`raw_call`], also returning the response body (framed messages).
+pub async fn raw_call_body(
+    addr: &str,
+    path: &str,
+    body: &[u8],
+    split: bool,
+) -> (String, String, bytes::Bytes) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let chunks = if split {
+        vec![
+            bytes::Bytes::copy_from_slice(&body[..2]),
+            bytes::Bytes::copy_from_slice(&body[2..]),
+        ]
+    } else {
+        vec![bytes::Bytes::copy_from_slice(body)]
+    };
+    let frames = futures::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
+    );
+    let req = hyper::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(frames))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let mut headers = resp.headers().clone();
+    let collected = resp.into_body().collect().await.expect("body");
+    if let Some(trailers) = collected.trailers() {
+        headers.extend(trailers.clone());
+    }
+    let data = collected.to_bytes();
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (get("grpc-status"), get("grpc-message"), data)
+}
