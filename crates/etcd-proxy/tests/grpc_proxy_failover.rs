@@ -238,3 +238,67 @@ async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
         );
     }
 }
+
+/// A member stopped with SIGSTOP keeps its connections and streams open but never answers: the
+/// proxy's health probe notices, and the watch streams it served move to another member.
+#[tokio::test(flavor = "multi_thread")]
+async fn watches_leave_a_member_that_stops_answering() {
+    let cluster = Cluster::start(3).await;
+    let (p, addr) = start_grpc_proxy(&cluster, &[]);
+    let leader = cluster.leader().await.expect("a leader");
+    let victim = (leader + 1) % cluster.len();
+    let survivors: Vec<String> = (0..cluster.len())
+        .filter(|&i| i != victim)
+        .map(|i| cluster.member(i).client_endpoint())
+        .collect();
+    let mut direct = connect(&survivors).await;
+    let mut proxied = connect(std::slice::from_ref(&addr)).await;
+
+    let from = direct
+        .put("stop/0", "before", None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    let mut watches = Vec::new();
+    for _ in 0..STREAMS {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+        watches.push(proxied.watch("stop/", Some(opts)).await.expect("watch"));
+    }
+    for w in &mut watches {
+        assert_eq!(collect_events(w, 1).await[0].1, from);
+    }
+
+    cluster.pause(victim);
+    let mut expected = Vec::new();
+    for i in 1..=5 {
+        let key = format!("stop/{i}");
+        let rev = direct
+            .put(key.as_str(), "after", None)
+            .await
+            .expect("put")
+            .header()
+            .expect("header")
+            .revision();
+        expected.push((key, rev, None));
+    }
+    let started = Instant::now();
+    for (n, w) in watches.iter_mut().enumerate() {
+        let got = collect_events(w, expected.len()).await;
+        assert_eq!(got, expected, "watch stream {n}");
+    }
+    eprintln!(
+        "events of the stopped member's stream arrived after {:?}",
+        started.elapsed()
+    );
+    cluster.resume(victim);
+    let moves = p.log_entries("moving a stream to another etcd member");
+    assert!(
+        moves
+            .iter()
+            .any(|e| e["reason"] == "the member failed its health probe"),
+        "{moves:?}\n{}",
+        p.log()
+    );
+}
