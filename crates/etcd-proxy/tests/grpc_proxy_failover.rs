@@ -302,3 +302,96 @@ async fn watches_leave_a_member_that_stops_answering() {
         p.log()
     );
 }
+
+/// Opens a watch on `key` at `addr` with etcd's require-leader metadata (`hasleader`), and
+/// returns the status the stream ends with, or `None` if it is still open after 20 s.
+async fn watch_requiring_a_leader(addr: &str) -> Option<(tonic::Code, String)> {
+    use etcd_api::etcdserverpb::watch_client::WatchClient;
+    use etcd_api::etcdserverpb::watch_request::RequestUnion;
+    use etcd_api::etcdserverpb::{WatchCreateRequest, WatchRequest};
+    use futures::StreamExt as _;
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: bytes::Bytes::from_static(b"k"),
+            ..Default::default()
+        })),
+    };
+    // One request, and the stream kept open from our side.
+    let requests = futures::stream::iter([create]).chain(futures::stream::pending());
+    let mut req = tonic::Request::new(requests);
+    req.metadata_mut()
+        .insert("hasleader", "true".parse().expect("metadata"));
+    let run = async {
+        match WatchClient::new(channel).watch(req).await {
+            Err(s) => (s.code(), s.message().to_string()),
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return (tonic::Code::Ok, "ended".to_string()),
+                        Err(s) => return (s.code(), s.message().to_string()),
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .ok()
+}
+
+/// With `hasleader`, etcd refuses a watch when its member has no leader; when no member has
+/// one, the client gets etcd's answer promptly (the proxy does not keep moving the stream).
+#[tokio::test(flavor = "multi_thread")]
+async fn require_leader_watch_gets_etcds_no_leader_answer() {
+    let mut cluster = Cluster::start(3).await;
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
+    // With a leader, the watch stays open.
+    assert_eq!(watch_requiring_a_leader_briefly(&addr).await, None);
+
+    // Two of three members gone: the survivor has no leader once its election timeout passes.
+    cluster.kill(1);
+    cluster.kill(2);
+    let survivor = cluster.member(0).client_endpoint();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let direct = loop {
+        if let Some(status) = watch_requiring_a_leader(&survivor).await {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor never lost its leader"
+        );
+    };
+    assert_eq!(
+        direct,
+        (
+            tonic::Code::Unavailable,
+            "etcdserver: no leader".to_string()
+        )
+    );
+
+    let started = Instant::now();
+    let proxied = watch_requiring_a_leader(&addr).await;
+    assert_eq!(proxied, Some(direct), "through the proxy vs directly");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "etcd's answer took {:?} to reach the client",
+        started.elapsed()
+    );
+}
+
+/// [`watch_requiring_a_leader`] given 2 s: `None` when the stream is still open then.
+async fn watch_requiring_a_leader_briefly(addr: &str) -> Option<(tonic::Code, String)> {
+    tokio::time::timeout(Duration::from_secs(2), watch_requiring_a_leader(addr))
+        .await
+        .ok()
+        .flatten()
+}

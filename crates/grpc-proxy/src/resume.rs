@@ -227,6 +227,10 @@ enum Turn {
         reason: String,
         /// The member had started answering (so the stream was not in an outage until now).
         served: bool,
+        /// etcd's own `UNAVAILABLE` status (e.g. `etcdserver: no leader` for a `hasleader`
+        /// stream), as opposed to a broken connection: what the client gets if every member
+        /// answers so.
+        refusal: Option<HeaderMap>,
     },
     /// No member could take the stream.
     NoMember(String),
@@ -268,6 +272,21 @@ impl ToClient {
         }
     }
 
+    /// Ends the call with etcd's status headers (`grpc-status`, `grpc-message`, ...).
+    async fn end_with_status(&mut self, status: HeaderMap) {
+        if let Some(h) = self.head.take() {
+            let mut resp = Response::new(ResponseBody::Empty);
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/grpc"),
+            );
+            resp.headers_mut().extend(status);
+            let _ = h.send(resp);
+        } else if let Some(out) = self.out.take() {
+            let _ = out.send(Frame::trailers(status)).await;
+        }
+    }
+
     /// Ends the call with a status made by the proxy.
     async fn finish(&mut self, code: u16, message: &str) {
         if let Some(h) = self.head.take() {
@@ -290,6 +309,9 @@ impl<P: Policy> Session<P> {
         // Since when no member has served the stream.
         let mut outage: Option<Instant> = None;
         let mut pause = Duration::from_millis(50);
+        // etcd's last UNAVAILABLE answer, and how many turns in a row ended with one.
+        let mut refusal: Option<HeaderMap> = None;
+        let mut refusals = 0;
         loop {
             let why = match self.turn(&mut to_client, avoid.as_deref()).await {
                 Turn::Over => return,
@@ -297,7 +319,23 @@ impl<P: Policy> Session<P> {
                     member,
                     reason,
                     served,
+                    refusal: refused,
                 } => {
+                    if refused.is_some() {
+                        refusals += 1;
+                        refusal = refused;
+                    } else if served {
+                        refusals = 0;
+                        refusal = None;
+                    }
+                    // As many refusals in a row as there are members: etcd's answer stands
+                    // (e.g. no member has a leader), and the client gets it now.
+                    if let Some(status) = &refusal
+                        && refusals >= self.upstream.member_count()
+                    {
+                        to_client.end_with_status(status.clone()).await;
+                        return;
+                    }
                     tracing::info!(
                         method = self.parts.uri.path(),
                         member = %member,
@@ -311,7 +349,13 @@ impl<P: Policy> Session<P> {
                     avoid = Some(member);
                     reason
                 }
-                Turn::NoMember(e) => e,
+                Turn::NoMember(e) => {
+                    if let Some(status) = refusal.take() {
+                        to_client.end_with_status(status).await;
+                        return;
+                    }
+                    e
+                }
             };
             let since = *outage.get_or_insert_with(Instant::now);
             if since.elapsed() >= GIVE_UP_AFTER {
@@ -364,7 +408,7 @@ impl<P: Policy> Session<P> {
                         return Turn::NoMember(format!("no etcd member is reachable (endpoints: {names})"));
                     }
                     Err(SendError::Failed { member, source }) => {
-                        return Turn::Moved { member, reason: source.to_string(), served: false };
+                        return Turn::Moved { member, reason: source.to_string(), served: false, refusal: None };
                     }
                 },
                 permit = reserve(&tx), if !outbox.is_empty() => match permit {
@@ -387,6 +431,7 @@ impl<P: Policy> Session<P> {
                     member: serving.name().to_string(),
                     reason: grpc_message(&head.headers),
                     served: false,
+                    refusal: Some(head.headers),
                 };
             }
             to_client.end_with(head).await;
@@ -399,6 +444,7 @@ impl<P: Policy> Session<P> {
             member: serving.name().to_string(),
             reason,
             served: true,
+            refusal: None,
         };
 
         let mut decoder = Decoder::new(self.limits.decoded_response());
@@ -421,7 +467,12 @@ impl<P: Policy> Session<P> {
                         Err(frame) => {
                             let trailers = frame.into_trailers().unwrap_or_default();
                             if grpc_status(&trailers) == Some(UNAVAILABLE) {
-                                return moved(grpc_message(&trailers));
+                                return Turn::Moved {
+                                    member: serving.name().to_string(),
+                                    reason: grpc_message(&trailers),
+                                    served: true,
+                                    refusal: Some(trailers),
+                                };
                             }
                             let _ = out.send(Frame::trailers(trailers)).await;
                             return Turn::Over;

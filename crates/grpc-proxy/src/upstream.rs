@@ -289,6 +289,11 @@ impl Upstream {
         Some((added, removed.iter().map(|m| m.name.clone()).collect()))
     }
 
+    /// How many members there are now.
+    pub fn member_count(&self) -> usize {
+        self.snapshot().members.len()
+    }
+
     /// The members to try for a call made by the proxy itself (health, `/metrics`): the ones
     /// whose probe passes first, starting at the next round-robin position, then the others.
     pub fn members_in_order(&self) -> Vec<Endpoint> {
