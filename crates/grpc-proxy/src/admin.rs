@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backend::Endpoint;
 use http_body_util::{BodyExt, Full};
@@ -49,6 +49,39 @@ pub struct Admin {
     pub self_addr: SocketAddr,
     /// Connect budget for calls to members (`/metrics`).
     pub dial_timeout: Duration,
+    /// Shares `/health` checks between concurrent requests.
+    pub cluster_check: CheckGate,
+    /// Shares `/proxy/health` checks between concurrent requests.
+    pub proxy_check: CheckGate,
+}
+
+/// Lets concurrent health requests share checks, so a burst of them costs etcd a check or two
+/// rather than one call (and one connection per member) each: at most one check runs at a
+/// time, and a request takes the result of a check that started after it arrived, so it never
+/// gets an answer older than itself.
+#[derive(Debug, Default)]
+pub struct CheckGate {
+    last: tokio::sync::Mutex<Option<(Instant, Health)>>,
+}
+
+impl CheckGate {
+    /// The result of `check`, run now or by a request that came after this one.
+    pub async fn run<F: std::future::Future<Output = Health>>(
+        &self,
+        check: impl FnOnce() -> F,
+    ) -> Health {
+        let arrived = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, health)) = &*last
+            && *started >= arrived
+        {
+            return health.clone();
+        }
+        let started = Instant::now();
+        let health = check().await;
+        *last = Some((started, health.clone()));
+        health
+    }
 }
 
 /// The body of an HTTP answer.
@@ -66,7 +99,10 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
                 return resp;
             }
             let health = if path == "/health" {
-                let h = check_cluster(&admin.upstream).await;
+                let h = admin
+                    .cluster_check
+                    .run(|| check_cluster(&admin.upstream))
+                    .await;
                 if h.ok {
                     admin.metrics.health_success.inc();
                 } else {
@@ -74,7 +110,10 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
                 }
                 h
             } else {
-                check_proxy(admin.self_addr).await
+                admin
+                    .proxy_check
+                    .run(|| check_proxy(admin.self_addr))
+                    .await
             };
             if !health.ok {
                 tracing::warn!(path, reason = %health.reason, "serving health check failure");
@@ -558,6 +597,35 @@ pub fn is_grpc(req: &Request<Incoming>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn concurrent_health_requests_share_checks_but_never_get_an_older_answer() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = Arc::new(CheckGate::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let check = |runs: Arc<AtomicUsize>| async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Health::unhealthy(format!("check {n}"))
+        };
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (gate, runs) = (gate.clone(), runs.clone());
+            burst.spawn(async move { gate.run(|| check(runs)).await });
+        }
+        let mut answers = Vec::new();
+        while let Some(h) = burst.join_next().await {
+            answers.push(h.expect("request task").reason);
+        }
+        assert_eq!(answers.len(), 20);
+        let checks = runs.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&checks), "{checks} checks for a burst of 20");
+        // One after the other, each request gets a check of its own.
+        let before = runs.load(Ordering::SeqCst);
+        gate.run(|| check(runs.clone())).await;
+        gate.run(|| check(runs.clone())).await;
+        assert_eq!(runs.load(Ordering::SeqCst), before + 2);
+    }
 
     #[test]
     fn health_bodies_are_etcds() {

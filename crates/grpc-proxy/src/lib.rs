@@ -182,6 +182,8 @@ pub async fn serve_with_metrics(
             metrics: Arc::new(Metrics::new()),
             self_addr: dialable(&listener),
             dial_timeout: config.dial_timeout,
+            cluster_check: admin::CheckGate::default(),
+            proxy_check: admin::CheckGate::default(),
         },
     });
 
