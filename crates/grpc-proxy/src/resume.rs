@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use etcd_api::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, WatchCreateRequest, WatchProgressRequest,
-    WatchRequest, WatchResponse, watch_request::RequestUnion,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, WatchCancelRequest, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
 };
 use etcd_api::v3electionpb::{LeaderRequest, LeaderResponse};
 use http_body_util::BodyExt;
@@ -97,9 +97,10 @@ trait Policy: Send + 'static {
     fn to_client(ns: &Namespace, resp: &mut Self::Resp) -> Result<(), OutsideNamespace>;
     /// Records a request (in etcd's form) going to the member.
     fn request(&mut self, req: &Self::Req);
-    /// Records a response (in etcd's form); false when the client must not see it (it answers
-    /// a replayed request, and the client saw the original answer).
-    fn response(&mut self, resp: &Self::Resp) -> bool;
+    /// Records a response (in etcd's form), trimming what the client already saw; false when
+    /// the client must not see it at all (it answers a replayed request, and the client saw
+    /// the original answer).
+    fn response(&mut self, resp: &mut Self::Resp) -> bool;
     /// The requests that bring a new stream to where the old one was.
     fn replay(&mut self) -> Vec<Self::Req>;
 }
@@ -554,7 +555,7 @@ impl<P: Policy> Session<P> {
                     return Some(Turn::Over);
                 }
             };
-            if !self.policy.response(&m) {
+            if !self.policy.response(&mut m) {
                 continue;
             }
             if let Some(ns) = &self.namespace
@@ -613,8 +614,15 @@ struct Watcher {
     create: WatchCreateRequest,
     /// The first revision the client has not seen all events of.
     next: i64,
-    /// Inside a fragmented response: its revision is not complete yet.
+    /// Events of revision `next` the client has already seen, in fragments of a revision not
+    /// yet complete.
+    seen_of_next: usize,
+    /// Of those, how many the current member has yet to send again (after a move).
+    skip: usize,
+    /// Inside a fragmented revision: its end has not come yet.
     fragmented: bool,
+    /// The client asked to cancel it and has not had etcd's answer yet.
+    canceling: bool,
 }
 
 /// The watch stream's memory.
@@ -629,6 +637,40 @@ struct Watch {
     recreated: HashSet<i64>,
     /// Progress requests not yet answered.
     progress: u32,
+}
+
+impl Watch {
+    /// Records events for watcher `w`, dropping those the client saw before a move; false
+    /// when nothing of the response is left to show.
+    fn events(w: &mut Watcher, r: &mut WatchResponse) -> bool {
+        if w.skip > 0 {
+            let k = w.skip.min(r.events.len());
+            r.events.drain(..k);
+            w.skip -= k;
+        }
+        match r.events.last().and_then(|e| e.kv.as_ref()) {
+            Some(kv) if r.fragment => {
+                // Every event of a fragmented response has the same revision.
+                w.next = kv.mod_revision;
+                w.seen_of_next += r.events.len();
+                w.fragmented = true;
+            }
+            Some(kv) => {
+                w.next = w.next.max(kv.mod_revision + 1);
+                w.seen_of_next = 0;
+                w.fragmented = false;
+            }
+            // Everything in it was seen already: a middle fragment is dropped, a last one is
+            // shown (empty) so the client's fragment sequence ends.
+            None if r.fragment => return false,
+            None => {
+                w.next += 1;
+                w.seen_of_next = 0;
+                w.fragmented = false;
+            }
+        }
+        true
+    }
 }
 
 impl Policy for Watch {
@@ -647,14 +689,16 @@ impl Policy for Watch {
         match &req.request_union {
             Some(RequestUnion::CreateRequest(c)) => self.pending.push_back(c.clone()),
             Some(RequestUnion::CancelRequest(c)) => {
-                self.watchers.remove(&c.watch_id);
+                if let Some(w) = self.watchers.get_mut(&c.watch_id) {
+                    w.canceling = true;
+                }
             }
             Some(RequestUnion::ProgressRequest(_)) => self.progress += 1,
             None => {}
         }
     }
 
-    fn response(&mut self, r: &WatchResponse) -> bool {
+    fn response(&mut self, r: &mut WatchResponse) -> bool {
         let revision = r.header.as_ref().map_or(0, |h| h.revision);
         if r.created {
             if self.recreated.remove(&r.watch_id) {
@@ -662,6 +706,8 @@ impl Policy for Watch {
                     // Could not be created again (its history was compacted meanwhile, or its
                     // user lost the right): the client learns it as a cancel.
                     self.watchers.remove(&r.watch_id);
+                    r.created = false;
+                    return true;
                 }
                 return false;
             }
@@ -679,7 +725,10 @@ impl Policy for Watch {
                     Watcher {
                         create,
                         next,
+                        seen_of_next: 0,
+                        skip: 0,
                         fragmented: false,
+                        canceling: false,
                     },
                 );
             }
@@ -695,18 +744,15 @@ impl Policy for Watch {
             self.progress = self.progress.saturating_sub(1);
             return true;
         }
-        if let Some(w) = self.watchers.get_mut(&r.watch_id) {
-            match r.events.last().and_then(|e| e.kv.as_ref()) {
-                Some(kv) => {
-                    w.fragmented = r.fragment;
-                    if !r.fragment {
-                        w.next = w.next.max(kv.mod_revision + 1);
-                    }
-                }
-                // A progress notification: etcd sends them to caught-up watchers only.
-                None if !w.fragmented => w.next = w.next.max(revision + 1),
-                None => {}
-            }
+        let Some(w) = self.watchers.get_mut(&r.watch_id) else {
+            return true;
+        };
+        if !r.events.is_empty() {
+            return Watch::events(w, r);
+        }
+        // A progress notification: etcd sends them to caught-up watchers only.
+        if !w.fragmented {
+            w.next = w.next.max(revision + 1);
         }
         true
     }
@@ -714,27 +760,34 @@ impl Policy for Watch {
     fn replay(&mut self) -> Vec<WatchRequest> {
         let mut out = Vec::with_capacity(self.watchers.len() + self.pending.len() + 1);
         self.recreated.clear();
-        for (&id, w) in &self.watchers {
+        for (&id, w) in &mut self.watchers {
             let mut create = w.create.clone();
             create.watch_id = id;
             create.start_revision = w.next;
+            w.skip = w.seen_of_next;
             self.recreated.insert(id);
             out.push(WatchRequest {
                 request_union: Some(RequestUnion::CreateRequest(create)),
             });
+            if w.canceling {
+                // The cancel may not have reached the old member: ask the new one, whose
+                // answer is the one the client waits for.
+                out.push(WatchRequest {
+                    request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                        watch_id: id,
+                    })),
+                });
+            }
         }
         for create in &self.pending {
             out.push(WatchRequest {
                 request_union: Some(RequestUnion::CreateRequest(create.clone())),
             });
         }
-        if self.progress > 0 {
-            // One answer covers the stream; the rest are sent again too, so each gets one.
-            for _ in 0..self.progress {
-                out.push(WatchRequest {
-                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                });
-            }
+        for _ in 0..self.progress {
+            out.push(WatchRequest {
+                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+            });
         }
         out
     }
@@ -760,7 +813,7 @@ impl Policy for KeepAlive {
         *self.unanswered.entry(req.id).or_default() += 1;
     }
 
-    fn response(&mut self, resp: &LeaseKeepAliveResponse) -> bool {
+    fn response(&mut self, resp: &mut LeaseKeepAliveResponse) -> bool {
         if let Some(n) = self.unanswered.get_mut(&resp.id) {
             *n -= 1;
             if *n == 0 {
@@ -806,7 +859,7 @@ impl Policy for Observe {
         self.request = Some(req.clone());
     }
 
-    fn response(&mut self, resp: &LeaderResponse) -> bool {
+    fn response(&mut self, resp: &mut LeaderResponse) -> bool {
         let current = resp.kv.as_ref().map(|kv| (kv.key.clone(), kv.mod_revision));
         let repeat = std::mem::take(&mut self.moved) && current.is_some() && current == self.last;
         if current.is_some() {
@@ -897,10 +950,10 @@ mod tests {
         // From now (server-chosen id 0), from revision 5 (client id 7), and one pending.
         w.request(&create("a", 0, 0));
         w.request(&create("b", 5, 7));
-        assert!(w.response(&created(0, 10)));
-        assert!(w.response(&created(7, 10)));
-        assert!(w.response(&events(7, &[5, 6], false)));
-        assert!(w.response(&events(0, &[11], false)));
+        assert!(w.response(&mut created(0, 10)));
+        assert!(w.response(&mut created(7, 10)));
+        assert!(w.response(&mut events(7, &[5, 6], false)));
+        assert!(w.response(&mut events(0, &[11], false)));
         w.request(&create("c", 0, 0));
         w.request(&WatchRequest {
             request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
@@ -911,10 +964,10 @@ mod tests {
 
         // The new member's created responses for the two known watchers are hidden; the
         // pending one's is shown and registers it.
-        assert!(!w.response(&created(0, 20)));
-        assert!(!w.response(&created(7, 20)));
-        assert!(w.response(&created(1, 20)));
-        assert!(w.response(&WatchResponse {
+        assert!(!w.response(&mut created(0, 20)));
+        assert!(!w.response(&mut created(7, 20)));
+        assert!(w.response(&mut created(1, 20)));
+        assert!(w.response(&mut WatchResponse {
             header: header(20),
             watch_id: -1,
             ..Default::default()
@@ -927,25 +980,26 @@ mod tests {
     fn progress_notifications_advance_a_watcher_but_fragments_wait_for_their_end() {
         let mut w = Watch::default();
         w.request(&create("a", 3, 0));
-        w.response(&created(0, 9));
+        w.response(&mut created(0, 9));
         // A progress notification for the watcher: caught up to 9.
-        w.response(&WatchResponse {
+        w.response(&mut WatchResponse {
             header: header(9),
             watch_id: 0,
             ..Default::default()
         });
         assert_eq!(creates(&w.replay()).0, [(0, 10)]);
-        w.response(&created(0, 9));
-        // Half of revision 12 was shown: replay it whole (the fragment's events come again).
-        w.response(&events(0, &[12], true));
-        w.response(&WatchResponse {
+        w.response(&mut created(0, 9));
+        // Part of revision 12 was shown: a progress notification does not move it past 12, and
+        // the replay starts at 12 (the part shown is dropped when it comes again).
+        w.response(&mut events(0, &[12], true));
+        w.response(&mut WatchResponse {
             header: header(12),
             watch_id: 0,
             ..Default::default()
         });
-        assert_eq!(creates(&w.replay()).0, [(0, 10)]);
-        w.response(&created(0, 12));
-        w.response(&events(0, &[12], false));
+        assert_eq!(creates(&w.replay()).0, [(0, 12)]);
+        w.response(&mut created(0, 12));
+        w.response(&mut events(0, &[12], false));
         assert_eq!(creates(&w.replay()).0, [(0, 13)]);
     }
 
@@ -954,9 +1008,9 @@ mod tests {
         let mut w = Watch::default();
         w.request(&create("a", 0, 0));
         w.request(&create("b", 0, 0));
-        w.response(&created(0, 4));
+        w.response(&mut created(0, 4));
         // Refused at creation (e.g. permission denied): never a watcher.
-        w.response(&WatchResponse {
+        w.response(&mut WatchResponse {
             created: true,
             canceled: true,
             watch_id: -1,
@@ -967,21 +1021,65 @@ mod tests {
                 watch_id: 0,
             })),
         });
+        // Moved before etcd answered the cancel: created again and canceled on the new member,
+        // whose (hidden) created and (shown) canceled answers the client gets.
+        let replay = w.replay();
+        assert_eq!(replay.len(), 2);
+        assert!(matches!(
+            replay[1].request_union,
+            Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                watch_id: 0
+            }))
+        ));
+        assert!(!w.response(&mut created(0, 5)));
+        assert!(w.response(&mut WatchResponse {
+            watch_id: 0,
+            canceled: true,
+            ..Default::default()
+        }));
         assert!(w.replay().is_empty());
 
         // A watcher compacted away while moving: the client sees etcd's cancel.
         w.request(&create("c", 0, 0));
-        w.response(&created(0, 4));
+        w.response(&mut created(0, 4));
         w.replay();
-        assert!(!w.response(&created(0, 9)));
-        let cancel = WatchResponse {
+        assert!(!w.response(&mut created(0, 9)));
+        let mut cancel = WatchResponse {
             watch_id: 0,
             canceled: true,
             compact_revision: 8,
             ..Default::default()
         };
-        assert!(w.response(&cancel));
+        assert!(w.response(&mut cancel));
         assert!(w.replay().is_empty());
+    }
+
+    #[test]
+    fn a_fragmented_revision_cut_by_a_move_is_completed_without_repeats() {
+        let mut w = Watch::default();
+        w.request(&create("a", 0, 0));
+        w.response(&mut created(0, 4));
+        // Revision 5 in fragments of 2 + 2 + 1 events; the first fragment is shown, then the
+        // member fails.
+        assert!(w.response(&mut events(0, &[5, 5], true)));
+        assert_eq!(creates(&w.replay()).0, [(0, 5)]);
+        assert!(!w.response(&mut created(0, 9)));
+        // The new member sends revision 5 again from the start: the 2 events shown are dropped.
+        let mut again = events(0, &[5, 5], true);
+        assert!(
+            !w.response(&mut again),
+            "a fragment seen whole is not shown again"
+        );
+        let mut second = events(0, &[5, 5], true);
+        assert!(w.response(&mut second));
+        assert_eq!(second.events.len(), 2);
+        // Moved again inside the revision: 4 events are known now.
+        assert_eq!(creates(&w.replay()).0, [(0, 5)]);
+        w.response(&mut created(0, 9));
+        let mut whole = events(0, &[5, 5, 5, 5, 5], false);
+        assert!(w.response(&mut whole));
+        assert_eq!(whole.events.len(), 1, "only the event not seen yet");
+        assert_eq!(creates(&w.replay()).0, [(0, 6)]);
     }
 
     #[test]
@@ -990,7 +1088,7 @@ mod tests {
         k.request(&LeaseKeepAliveRequest { id: 1 });
         k.request(&LeaseKeepAliveRequest { id: 2 });
         k.request(&LeaseKeepAliveRequest { id: 2 });
-        k.response(&LeaseKeepAliveResponse {
+        k.response(&mut LeaseKeepAliveResponse {
             id: 2,
             ttl: 5,
             ..Default::default()
@@ -1014,14 +1112,17 @@ mod tests {
         o.request(&LeaderRequest {
             name: Bytes::from_static(b"e"),
         });
-        assert!(o.response(&leader(3)));
+        assert!(o.response(&mut leader(3)));
         assert_eq!(o.replay().len(), 1);
-        assert!(!o.response(&leader(3)), "same leader again after the move");
         assert!(
-            o.response(&leader(3)),
+            !o.response(&mut leader(3)),
+            "same leader again after the move"
+        );
+        assert!(
+            o.response(&mut leader(3)),
             "only the first answer after a move is checked"
         );
         o.replay();
-        assert!(o.response(&leader(5)), "a new leader value is shown");
+        assert!(o.response(&mut leader(5)), "a new leader value is shown");
     }
 }
