@@ -483,6 +483,18 @@ async fn namespace_guards_lease_revoke() {
         ok(cluster.etcdctl(&["get", "/app/mine", "--print-value-only"])),
         "v\n"
     );
+    // `lease list` through the proxy shows the namespace's leases (with a key inside, or with
+    // no key yet) but not the one whose only key is outside; etcd lists all three.
+    let bare = lease_id(ok(ctl(&cluster, &addr, &["lease", "grant", "60"])));
+    let listed = ok(ctl(&cluster, &addr, &["lease", "list"]));
+    assert!(listed.contains(&inside) && listed.contains(&bare), "{listed}");
+    assert!(!listed.contains(&outside), "{listed}");
+    assert!(listed.starts_with("found 2 leases"), "{listed}");
+    let all = ok(cluster.etcdctl(&["lease", "list"]));
+    for id in [&inside, &bare, &outside] {
+        assert!(all.contains(id.as_str()), "{all}");
+    }
+
     let revoked = ok(ctl(&cluster, &addr, &["lease", "revoke", &inside]));
     assert!(revoked.contains("revoked"), "{revoked}");
     assert_eq!(ok(cluster.etcdctl(&["get", "/app/mine"])), "");

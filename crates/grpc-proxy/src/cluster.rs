@@ -24,8 +24,9 @@ use etcd_api::etcdserverpb::cluster_client::ClusterClient;
 use etcd_api::etcdserverpb::kv_client::KvClient;
 use etcd_api::etcdserverpb::lease_client::LeaseClient;
 use etcd_api::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, Member,
-    MemberListRequest, MemberListResponse, PutRequest, RangeRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseTimeToLiveRequest, Member, MemberListRequest, MemberListResponse,
+    PutRequest, RangeRequest,
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Request;
@@ -335,21 +336,29 @@ impl Cluster {
     /// `token` and `authorization` metadata from `headers`, so etcd applies the caller's
     /// permissions. A missing lease has no keys (etcd answers TTL -1).
     pub async fn lease_keys(&self, id: i64, headers: &HeaderMap) -> CallResult<Vec<Bytes>> {
-        let auth: Vec<(&'static str, tonic::metadata::MetadataValue<_>)> =
-            ["token", "authorization"]
-                .into_iter()
-                .filter_map(|name| Some((name, headers.get(name)?.to_str().ok()?.parse().ok()?)))
-                .collect();
+        let auth = caller_auth(headers);
         self.call(|ch| {
-            let mut r = tonic::Request::new(LeaseTimeToLiveRequest { id, keys: true });
-            for (name, value) in &auth {
-                r.metadata_mut().insert(*name, value.clone());
-            }
+            let r = with_auth(LeaseTimeToLiveRequest { id, keys: true }, &auth);
             async move {
                 LeaseClient::new(ch)
                     .lease_time_to_live(r)
                     .await
                     .map(|r| r.into_inner().keys)
+            }
+        })
+        .await
+    }
+
+    /// etcd's `LeaseLeases` answer, asked with the caller's `token` and `authorization`.
+    pub async fn lease_leases(&self, headers: &HeaderMap) -> CallResult<LeaseLeasesResponse> {
+        let auth = caller_auth(headers);
+        self.call(|ch| {
+            let r = with_auth(LeaseLeasesRequest {}, &auth);
+            async move {
+                LeaseClient::new(ch)
+                    .lease_leases(r)
+                    .await
+                    .map(|r| r.into_inner())
             }
         })
         .await
@@ -559,6 +568,27 @@ fn member_id(url: &str) -> u64 {
 /// A lease ID as etcd prints it (hex).
 fn format_lease(lease: i64) -> String {
     format!("{lease:x}")
+}
+
+/// The caller's auth metadata (`token`, `authorization`) from its request headers, for a call
+/// the proxy makes on its behalf.
+fn caller_auth(headers: &HeaderMap) -> Vec<(&'static str, tonic::metadata::AsciiMetadataValue)> {
+    ["token", "authorization"]
+        .into_iter()
+        .filter_map(|name| Some((name, headers.get(name)?.to_str().ok()?.parse().ok()?)))
+        .collect()
+}
+
+/// `message` as a request carrying `auth`.
+fn with_auth<T>(
+    message: T,
+    auth: &[(&'static str, tonic::metadata::AsciiMetadataValue)],
+) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    for (name, value) in auth {
+        r.metadata_mut().insert(*name, value.clone());
+    }
+    r
 }
 
 #[cfg(test)]

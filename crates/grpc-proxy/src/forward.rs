@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
+use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
 use crate::limits::MessageLimit;
@@ -47,6 +47,9 @@ pub enum Handler {
     /// `Lease/LeaseRevoke` under a namespace: forwarded only if the lease holds no key outside
     /// the namespace ([`crate::lease::guard_revoke`]).
     GuardLeaseRevoke,
+    /// `Lease/LeaseLeases` under a namespace: leases holding only keys outside the namespace
+    /// are left out ([`crate::lease::filter_leases`]).
+    FilterLeases,
     /// A call that only reads: if the member fails it, it is sent again to another member.
     Read,
     /// A long stream that moves to another member when its member fails
@@ -89,6 +92,9 @@ pub fn route(path: &str, namespaced: bool) -> Handler {
     if path == crate::lease::LEASE_REVOKE_PATH {
         return Handler::GuardLeaseRevoke;
     }
+    if path == crate::lease::LEASE_LEASES_PATH {
+        return Handler::FilterLeases;
+    }
     match Method::from_path(path) {
         Some(method) => Handler::Rewrite(method),
         None => Handler::Forward,
@@ -113,6 +119,7 @@ pub async fn handle(
         (Handler::GuardLeaseRevoke, Some(rw)) => {
             crate::lease::guard_revoke(upstream, cluster, rw, req).await
         }
+        (Handler::FilterLeases, Some(rw)) => crate::lease::filter_leases(cluster, rw, req).await,
         (Handler::Refuse(code, message), _) => status_response(code, message),
         (Handler::Read, _) => send_read(upstream, limits, req).await,
         _ => {
@@ -417,11 +424,7 @@ mod tests {
             route("/etcdserverpb.Lease/LeaseRevoke", false),
             Handler::Forward
         );
-        for path in [
-            "/etcdserverpb.KV/Compact",
-            "/etcdserverpb.Lease/LeaseLeases",
-            "/no.such.Service/Method",
-        ] {
+        for path in ["/etcdserverpb.KV/Compact", "/no.such.Service/Method"] {
             assert_eq!(route(path, true), Handler::Forward, "{path}");
         }
     }

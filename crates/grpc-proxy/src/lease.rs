@@ -7,7 +7,13 @@
 //!
 //! Race: a key attached to the lease (by a client outside the namespace) between the check and
 //! the revoke is deleted with it. etcd has no conditional revoke, so the check cannot be atomic.
+//!
+//! `Lease/LeaseLeases` under `--namespace` lists only the leases a namespaced client may know
+//! of: those with no key (a lease just granted) or with a key inside the namespace. A lease
+//! whose keys all lie outside belongs to someone else and is left out.
 
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -16,12 +22,17 @@ use prost::Message;
 use etcd_api::etcdserverpb::LeaseRevokeRequest;
 
 use crate::cluster::Cluster;
-use crate::forward::{PERMISSION_DENIED, ResponseBody, send, status_response};
-use crate::rewrite::{Decoder, RequestBody, Rewriter, Status};
+use crate::forward::{PERMISSION_DENIED, ResponseBody, send, status_headers, status_response};
+use crate::rewrite::{Decoder, RequestBody, Rewriter, Status, encode_frame};
 use crate::upstream::Upstream;
 
 /// gRPC path of the guarded call.
 pub const LEASE_REVOKE_PATH: &str = "/etcdserverpb.Lease/LeaseRevoke";
+/// gRPC path of the filtered call.
+pub const LEASE_LEASES_PATH: &str = "/etcdserverpb.Lease/LeaseLeases";
+
+/// Leases whose keys are looked up at once while filtering `LeaseLeases`.
+const LOOKUPS_IN_FLIGHT: usize = 16;
 
 /// gRPC codes used here.
 const RESOURCE_EXHAUSTED: u16 = 8;
@@ -87,4 +98,57 @@ pub async fn guard_revoke(
         Request::from_parts(parts, RequestBody::Buffered(Some(body))),
     )
     .await
+}
+
+/// Serves `LeaseLeases` under a namespace: etcd's list (asked with the caller's auth) without
+/// the leases whose keys all lie outside the namespace. The request has no fields; its body is
+/// not read.
+pub async fn filter_leases(
+    cluster: &Cluster,
+    rewriter: &Rewriter,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let headers = req.headers().clone();
+    let mut resp = match cluster.lease_leases(&headers).await {
+        Ok(r) => r,
+        Err(s) => return status_response(s.code() as u16, s.message()),
+    };
+    let ns = rewriter.namespace();
+    let ids: Vec<i64> = resp.leases.iter().map(|l| l.id).collect();
+    let looked_up: Vec<(i64, Result<Vec<Bytes>, tonic::Status>)> = futures::stream::iter(ids)
+        .map(|id| keys_of(cluster, id, &headers))
+        .buffered(LOOKUPS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut hidden = std::collections::HashSet::new();
+    for (id, keys) in looked_up {
+        match keys {
+            Ok(keys) if !keys.is_empty() && keys.iter().all(|k| ns.strip(k).is_none()) => {
+                hidden.insert(id);
+            }
+            Ok(_) => {}
+            Err(s) => return status_response(s.code() as u16, s.message()),
+        }
+    }
+    resp.leases.retain(|l| !hidden.contains(&l.id));
+    let mut framed = BytesMut::new();
+    encode_frame(&resp.encode_to_vec(), &mut framed);
+    let mut response = Response::new(ResponseBody::Local {
+        message: Some(framed.freeze()),
+        trailers: Some(status_headers(0, "")),
+    });
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The keys of lease `id`, with the ID.
+async fn keys_of(
+    cluster: &Cluster,
+    id: i64,
+    headers: &hyper::HeaderMap,
+) -> (i64, Result<Vec<Bytes>, tonic::Status>) {
+    (id, cluster.lease_keys(id, headers).await)
 }
