@@ -28,6 +28,22 @@ async fn connect(endpoints: &[String]) -> Client {
         .expect("connect")
 }
 
+/// A follower to kill or stop, a client of the other members (writes and set-up go straight
+/// to them; only the streams under test use the proxy), and a client of the proxy at `addr`.
+async fn victim_and_clients(cluster: &Cluster, addr: &str) -> (usize, Client, Client) {
+    let leader = cluster.leader().await.expect("a leader");
+    let victim = (leader + 1) % cluster.len();
+    let survivors: Vec<String> = (0..cluster.len())
+        .filter(|&i| i != victim)
+        .map(|i| cluster.member(i).client_endpoint())
+        .collect();
+    (
+        victim,
+        connect(&survivors).await,
+        connect(&[addr.to_string()]).await,
+    )
+}
+
 /// Reads `stream` until it has seen `want` events, or fails after 30 s; returns the events'
 /// (key, mod_revision, prev_kv value) in the order they came.
 async fn collect_events(
@@ -63,15 +79,7 @@ async fn collect_events(
 async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
     let mut cluster = Cluster::start(3).await;
     let (p, addr) = start_grpc_proxy(&cluster, &[]);
-    let leader = cluster.leader().await.expect("a leader");
-    let victim = (leader + 1) % cluster.len();
-    let survivors: Vec<String> = (0..cluster.len())
-        .filter(|&i| i != victim)
-        .map(|i| cluster.member(i).client_endpoint())
-        .collect();
-    // Writes and set-up go straight to the surviving members; only the streams use the proxy.
-    let mut direct = connect(&survivors).await;
-    let mut proxied = connect(std::slice::from_ref(&addr)).await;
+    let (victim, mut direct, mut proxied) = victim_and_clients(&cluster, &addr).await;
 
     // Each key is first written before the streams exist, so prev_kv is known for every event.
     for i in 0..WRITES {
@@ -245,14 +253,7 @@ async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
 async fn watches_leave_a_member_that_stops_answering() {
     let cluster = Cluster::start(3).await;
     let (p, addr) = start_grpc_proxy(&cluster, &[]);
-    let leader = cluster.leader().await.expect("a leader");
-    let victim = (leader + 1) % cluster.len();
-    let survivors: Vec<String> = (0..cluster.len())
-        .filter(|&i| i != victim)
-        .map(|i| cluster.member(i).client_endpoint())
-        .collect();
-    let mut direct = connect(&survivors).await;
-    let mut proxied = connect(std::slice::from_ref(&addr)).await;
+    let (victim, mut direct, mut proxied) = victim_and_clients(&cluster, &addr).await;
 
     let from = direct
         .put("stop/0", "before", None)
