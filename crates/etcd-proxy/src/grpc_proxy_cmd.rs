@@ -64,6 +64,10 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         args.endpoints_auto_sync_interval,
     )?;
     config.pprof = args.enable_pprof;
+    config.serializable_ordering = args.experimental_serializable_ordering;
+    // As etcd: an empty prefix is no leasing.
+    config.leasing_prefix = (!args.experimental_leasing_prefix.is_empty())
+        .then(|| args.experimental_leasing_prefix.clone().into_bytes().into());
     config.limits.send = message_limit("--max-send-bytes", args.max_send_bytes)?;
     config.limits.recv = message_limit("--max-recv-bytes", args.max_recv_bytes)?;
 
@@ -153,14 +157,6 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
         ),
         ("tls-min-version", args.tls_min_version != d.tls_min_version),
         ("tls-max-version", args.tls_max_version != d.tls_max_version),
-        (
-            "experimental-serializable-ordering",
-            args.experimental_serializable_ordering != d.experimental_serializable_ordering,
-        ),
-        (
-            "experimental-leasing-prefix",
-            args.experimental_leasing_prefix != d.experimental_leasing_prefix,
-        ),
     ];
     match unsupported.iter().find(|(_, set)| *set) {
         Some((flag, _)) => Err(ExitError::new(format!("--{flag} is not supported yet"))),
@@ -255,6 +251,8 @@ mod tests {
                 "--resolver-prefix=p",
                 "--resolver-ttl=5",
                 "--endpoints-auto-sync-interval=1m",
+                "--experimental-serializable-ordering",
+                "--experimental-leasing-prefix=l",
             ]))
             .is_ok()
         );
@@ -265,10 +263,7 @@ mod tests {
         for (flag, name) in [
             ("--cert-file=x.crt", "cert-file"),
             ("--auto-tls", "auto-tls"),
-            (
-                "--experimental-leasing-prefix=l",
-                "experimental-leasing-prefix",
-            ),
+            ("--cacert=ca.pem", "cacert"),
         ] {
             let err = reject_unsupported(&args(&[flag])).unwrap_err();
             assert_eq!(err.to_string(), format!("--{name} is not supported yet"));

@@ -154,9 +154,19 @@ impl Cluster {
         Some(ch)
     }
 
+    /// One channel per member, in [`Upstream::members_in_order`] order (the leasing cache's
+    /// streams and its calls that must not be sent twice).
+    pub(crate) fn channels(&self) -> Vec<Channel> {
+        self.upstream
+            .members_in_order()
+            .iter()
+            .filter_map(|ep| self.channel(ep))
+            .collect()
+    }
+
     /// Runs `f` on the members in turn until one answers; `UNAVAILABLE`, a timeout and
     /// transport errors move on to the next member, any other status is etcd's answer.
-    async fn call<T, F, Fut>(&self, f: F) -> CallResult<T>
+    pub(crate) async fn call<T, F, Fut>(&self, f: F) -> CallResult<T>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = CallResult<T>>,

@@ -17,9 +17,11 @@ pub mod admin;
 pub mod cluster;
 pub mod forward;
 pub mod lease;
+pub mod leasing;
 pub mod limits;
 pub mod metrics;
 pub mod namespace;
+pub mod ordering;
 pub mod profiling;
 pub mod resume;
 pub mod rewrite;
@@ -99,6 +101,12 @@ pub struct Config {
     pub auto_sync_interval: Option<Duration>,
     /// `--enable-pprof`: serve CPU profiles under `/debug/pprof/` on the main port.
     pub pprof: bool,
+    /// `--experimental-serializable-ordering`: a serializable read never returns an older
+    /// revision than one this proxy already returned ([`ordering`]).
+    pub serializable_ordering: bool,
+    /// `--experimental-leasing-prefix`: serve owned keys' linearizable reads from memory, with
+    /// etcd's leasing protocol under this prefix ([`leasing`]); `None` for none.
+    pub leasing_prefix: Option<bytes::Bytes>,
 }
 
 impl Config {
@@ -124,6 +132,8 @@ impl Config {
             resolver: None,
             auto_sync_interval: None,
             pprof: false,
+            serializable_ordering: false,
+            leasing_prefix: None,
         }
     }
 }
@@ -156,6 +166,10 @@ struct State {
     limits: rewrite::Limits,
     /// Set with `--enable-pprof`: `/debug/pprof/` on the main port.
     profiler: Option<profiling::Profiler>,
+    /// `--experimental-serializable-ordering`: serves the KV calls when on.
+    ordering: Arc<ordering::Ordering>,
+    /// Set with `--experimental-leasing-prefix`: serves Range, Put, DeleteRange and Txn.
+    leasing: Option<Arc<leasing::Leasing>>,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -171,12 +185,19 @@ pub async fn serve_with_metrics(
     let cluster = cluster::Cluster::new(&config, upstream.clone());
     let stop_cluster = CancellationToken::new();
     let cluster_task = cluster.start(config.auto_sync_interval, stop_cluster.clone());
+    let leasing = config.leasing_prefix.clone().map(|prefix| {
+        let ns = config.namespace.clone();
+        let leasing = leasing::Leasing::new(prefix, ns, cluster.clone(), config.limits);
+        (leasing.clone(), leasing.start(stop_upstream.child_token()))
+    });
     let state = Arc::new(State {
         rewriter,
         member_list: cluster.answers_member_list().then(|| cluster.clone()),
         cluster: cluster.clone(),
         limits: config.limits,
         profiler: config.pprof.then(profiling::Profiler::new),
+        ordering: ordering::Ordering::new(config.serializable_ordering),
+        leasing: leasing.as_ref().map(|(l, _)| l.clone()),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -247,6 +268,11 @@ pub async fn serve_with_metrics(
     // Bounded: a registration attempt in flight against unreachable members must not hold the
     // exit; its lease then expires after the TTL.
     let _ = tokio::time::timeout(config.dial_timeout, cluster_task).await;
+    if let Some((_, task)) = leasing {
+        // Revokes the leasing session, so that other clients need not wait for its TTL.
+        stop_upstream.cancel();
+        let _ = tokio::time::timeout(config.dial_timeout, task).await;
+    }
     stop_upstream.cancel();
 }
 
@@ -275,6 +301,19 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
         let resp = match &state.member_list {
             Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
                 cluster.member_list(req).await
+            }
+            _ if let Some(leasing) = &state.leasing
+                && leasing::serves(req.uri().path()) =>
+            {
+                leasing.handle(req).await
+            }
+            _ if state.ordering.applies(req.uri().path()) => {
+                let rewriter = state.rewriter.as_ref();
+                let upstream = &state.admin.upstream;
+                state
+                    .ordering
+                    .handle(upstream, rewriter, state.limits, req)
+                    .await
             }
             _ => {
                 forward::handle(
