@@ -131,10 +131,6 @@ fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
             "insecure-discovery",
             args.insecure_discovery != d.insecure_discovery,
         ),
-        (
-            "grpc-keepalive-min-time",
-            args.grpc_keepalive_min_time != d.grpc_keepalive_min_time,
-        ),
         ("cert", args.cert != d.cert),
         ("key", args.key != d.key),
         ("cacert", args.cacert != d.cacert),
@@ -253,6 +249,7 @@ mod tests {
                 "--endpoints-auto-sync-interval=1m",
                 "--experimental-serializable-ordering",
                 "--experimental-leasing-prefix=l",
+                "--grpc-keepalive-min-time=10s",
             ]))
             .is_ok()
         );
