@@ -1,7 +1,7 @@
-//! Long streams through `etcd-proxy grpc-proxy start` when the member serving them dies: watch,
-//! lease keep-alive and election observe streams move to another member, and the client sees
-//! one unbroken stream: every event exactly once and in order, keep-alives answered, the new
-//! leader observed once. Real 3-member etcd, the Rust `etcd-client` crate as the client.
+//! Long streams through `etcd-proxy grpc-proxy start` when the member serving them dies: watch
+//! and election observe streams move to another member, and the client sees one unbroken
+//! stream: every event exactly once and in order, the new leader observed once; lease
+//! keep-alives go on being answered. Real 3-member etcd, the Rust `etcd-client` crate as the client.
 
 mod common;
 
@@ -232,11 +232,12 @@ async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
             "lease {id:x} kept alive through the proxy has expired"
         );
     }
+    // The keep-alives share one upstream stream, which may or may not have been on the killed
+    // member (grpc_proxy_keepalive.rs kills the one it is on); watches and observers were.
     let moves = p.log_entries("moving a stream to another etcd member");
     let paths: Vec<&str> = moves.iter().filter_map(|e| e["method"].as_str()).collect();
     for path in [
         "/etcdserverpb.Watch/Watch",
-        "/etcdserverpb.Lease/LeaseKeepAlive",
         "/v3electionpb.Election/Observe",
     ] {
         assert!(

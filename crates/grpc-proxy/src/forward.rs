@@ -460,7 +460,6 @@ mod tests {
         for namespaced in [true, false] {
             for (path, stream) in [
                 ("/etcdserverpb.Watch/Watch", Stream::Watch),
-                ("/etcdserverpb.Lease/LeaseKeepAlive", Stream::LeaseKeepAlive),
                 ("/v3electionpb.Election/Observe", Stream::Observe),
             ] {
                 assert_eq!(route(path, namespaced), Handler::Resume(stream), "{path}");

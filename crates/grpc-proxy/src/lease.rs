@@ -86,7 +86,7 @@ pub async fn guard_revoke(
         Ok(keys) if keys.iter().any(|k| rewriter.namespace().strip(k).is_none()) => {
             return status_response(
                 PERMISSION_DENIED,
-                &format!("etcd-proxy: lease {id:x} holds keys outside the namespace"),
+                &format!("etcd-proxy: lease {id:016x} holds keys outside the namespace"),
             );
         }
         Ok(_) => {}

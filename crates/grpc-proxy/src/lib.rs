@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod forward;
+pub mod keepalive;
 pub mod lease;
 pub mod leasing;
 pub mod limits;
@@ -170,6 +171,8 @@ struct State {
     ordering: Arc<ordering::Ordering>,
     /// Set with `--experimental-leasing-prefix`: serves Range, Put, DeleteRange and Txn.
     leasing: Option<Arc<leasing::Leasing>>,
+    /// Serves every client's `LeaseKeepAlive` over shared upstream streams.
+    keepalives: keepalive::KeepAlives,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -198,6 +201,7 @@ pub async fn serve_with_metrics(
         profiler: config.pprof.then(profiling::Profiler::new),
         ordering: ordering::Ordering::new(config.serializable_ordering),
         leasing: leasing.as_ref().map(|(l, _)| l.clone()),
+        keepalives: keepalive::KeepAlives::new(upstream.clone(), config.limits),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -307,6 +311,7 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
             {
                 leasing.handle(req).await
             }
+            _ if req.uri().path() == keepalive::PATH => state.keepalives.handle(req).await,
             _ if state.ordering.applies(req.uri().path()) => {
                 let rewriter = state.rewriter.as_ref();
                 let upstream = &state.admin.upstream;

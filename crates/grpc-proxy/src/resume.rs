@@ -1,5 +1,5 @@
-//! Streams that survive their member: `Watch/Watch`, `Lease/LeaseKeepAlive` and
-//! `Election/Observe`.
+//! Streams that survive their member: `Watch/Watch` and `Election/Observe` (lease keep-alives
+//! are served by [`crate::keepalive`], which resumes its shared streams the same way).
 //!
 //! Forwarded as bytes, such a stream dies with the member serving it, and the client must notice,
 //! reconnect and work out where it was. Instead, each of these calls is served by a task that
@@ -13,7 +13,6 @@
 //!   shown to the client: it sees one stream, every event exactly once and in order. Creates and
 //!   progress requests still unanswered are sent again. A watcher whose history was compacted
 //!   meanwhile gets etcd's compaction cancel, as it would have from etcd.
-//! - **LeaseKeepAlive**: the keep-alives not yet answered are sent again.
 //! - **Observe**: the request is sent again, and the new member's first answer is dropped when
 //!   it is the leader the client already saw.
 //!
@@ -26,15 +25,15 @@
 //! Under `--namespace` the same task applies the namespace both ways; what it remembers is in
 //! etcd's (prefixed) form, so a replay is never prefixed twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use etcd_api::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, WatchCancelRequest, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+    watch_request::RequestUnion,
 };
 use etcd_api::v3electionpb::{LeaderRequest, LeaderResponse};
 use http_body_util::BodyExt;
@@ -61,16 +60,12 @@ const UNAVAILABLE: u16 = 14;
 const UPSTREAM_QUEUE: usize = 16;
 /// Messages queued towards the client; the member is read no faster than the client takes them.
 const CLIENT_QUEUE: usize = 16;
-/// Keep-alives sent again per lease after a move, at most (a client sends one per TTL/3).
-const MAX_KEEPALIVE_REPLAY: u32 = 4;
 
 /// The streaming methods served here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
     /// `Watch/Watch`.
     Watch,
-    /// `Lease/LeaseKeepAlive`.
-    LeaseKeepAlive,
     /// `Election/Observe`.
     Observe,
 }
@@ -80,7 +75,6 @@ impl Stream {
     pub fn from_path(path: &str) -> Option<Stream> {
         match path {
             "/etcdserverpb.Watch/Watch" => Some(Stream::Watch),
-            "/etcdserverpb.Lease/LeaseKeepAlive" => Some(Stream::LeaseKeepAlive),
             "/v3electionpb.Election/Observe" => Some(Stream::Observe),
             _ => None,
         }
@@ -115,9 +109,6 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     match stream {
         Stream::Watch => start(upstream, namespace, limits, Watch::default(), req).await,
-        Stream::LeaseKeepAlive => {
-            start(upstream, namespace, limits, KeepAlive::default(), req).await
-        }
         Stream::Observe => start(upstream, namespace, limits, Observe::default(), req).await,
     }
 }
@@ -140,12 +131,7 @@ async fn start<P: Policy>(
         limits,
         policy,
         parts,
-        client: Client {
-            body,
-            decoder: Decoder::new(limits.request),
-            limits,
-            done: false,
-        },
+        client: Client::new(body, limits),
     };
     tokio::spawn(session.run(head_tx));
     head_rx.await.unwrap_or_else(|_| {
@@ -154,7 +140,7 @@ async fn start<P: Policy>(
 }
 
 /// What the client did next.
-enum ClientEvent<R> {
+pub(crate) enum ClientEvent<R> {
     Message(R),
     /// Half-close: no more requests.
     End,
@@ -165,16 +151,27 @@ enum ClientEvent<R> {
 }
 
 /// The client's side of the request stream.
-struct Client {
+pub(crate) struct Client {
     body: Incoming,
     decoder: Decoder,
     limits: Limits,
-    done: bool,
+    /// The client half-closed its side.
+    pub(crate) done: bool,
 }
 
 impl Client {
+    /// The request stream of a call, its messages checked against `limits`.
+    pub(crate) fn new(body: Incoming, limits: Limits) -> Client {
+        Client {
+            body,
+            decoder: Decoder::new(limits.request),
+            limits,
+            done: false,
+        }
+    }
+
     /// The next request. Cancel-safe: a frame is only taken when it is fully handled.
-    async fn next<R: Message + Default>(&mut self) -> ClientEvent<R> {
+    pub(crate) async fn next<R: Message + Default>(&mut self) -> ClientEvent<R> {
         loop {
             match self.decoder.next_message() {
                 Ok(Some(payload)) => {
@@ -793,46 +790,6 @@ impl Policy for Watch {
     }
 }
 
-/// The keep-alive stream's memory: keep-alives sent and not answered, per lease.
-#[derive(Debug, Default)]
-struct KeepAlive {
-    unanswered: HashMap<i64, u32>,
-}
-
-impl Policy for KeepAlive {
-    type Req = LeaseKeepAliveRequest;
-    type Resp = LeaseKeepAliveResponse;
-
-    fn to_server(_: &Namespace, _: &mut LeaseKeepAliveRequest) {}
-
-    fn to_client(_: &Namespace, _: &mut LeaseKeepAliveResponse) -> Result<(), OutsideNamespace> {
-        Ok(())
-    }
-
-    fn request(&mut self, req: &LeaseKeepAliveRequest) {
-        *self.unanswered.entry(req.id).or_default() += 1;
-    }
-
-    fn response(&mut self, resp: &mut LeaseKeepAliveResponse) -> bool {
-        if let Some(n) = self.unanswered.get_mut(&resp.id) {
-            *n -= 1;
-            if *n == 0 {
-                self.unanswered.remove(&resp.id);
-            }
-        }
-        true
-    }
-
-    fn replay(&mut self) -> Vec<LeaseKeepAliveRequest> {
-        let mut out = Vec::new();
-        for (&id, n) in &mut self.unanswered {
-            *n = (*n).min(MAX_KEEPALIVE_REPLAY);
-            out.extend((0..*n).map(|_| LeaseKeepAliveRequest { id }));
-        }
-        out
-    }
-}
-
 /// The observe stream's memory: the request, and the last leader shown.
 #[derive(Debug, Default)]
 struct Observe {
@@ -1080,22 +1037,6 @@ mod tests {
         assert!(w.response(&mut whole));
         assert_eq!(whole.events.len(), 1, "only the event not seen yet");
         assert_eq!(creates(&w.replay()).0, [(0, 6)]);
-    }
-
-    #[test]
-    fn keepalives_unanswered_are_sent_again() {
-        let mut k = KeepAlive::default();
-        k.request(&LeaseKeepAliveRequest { id: 1 });
-        k.request(&LeaseKeepAliveRequest { id: 2 });
-        k.request(&LeaseKeepAliveRequest { id: 2 });
-        k.response(&mut LeaseKeepAliveResponse {
-            id: 2,
-            ttl: 5,
-            ..Default::default()
-        });
-        let mut ids: Vec<i64> = k.replay().iter().map(|r| r.id).collect();
-        ids.sort();
-        assert_eq!(ids, [1, 2]);
     }
 
     #[test]
