@@ -110,10 +110,7 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
                 }
                 h
             } else {
-                admin
-                    .proxy_check
-                    .run(|| check_proxy(admin.self_addr))
-                    .await
+                admin.proxy_check.run(|| check_proxy(admin.self_addr)).await
             };
             if !health.ok {
                 tracing::warn!(path, reason = %health.reason, "serving health check failure");
@@ -619,7 +616,10 @@ mod tests {
         }
         assert_eq!(answers.len(), 20);
         let checks = runs.load(Ordering::SeqCst);
-        assert!((1..=2).contains(&checks), "{checks} checks for a burst of 20");
+        assert!(
+            (1..=2).contains(&checks),
+            "{checks} checks for a burst of 20"
+        );
         // One after the other, each request gets a check of its own.
         let before = runs.load(Ordering::SeqCst);
         gate.run(|| check(runs.clone())).await;
