@@ -385,10 +385,7 @@ fn grpc_proxy_start_refuses_unbuilt_flags_and_logs_argv() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(
-        err.contains("--cacert is not supported yet"),
-        "{err}"
-    );
+    assert!(err.contains("--cacert is not supported yet"), "{err}");
     // The startup line etcd 3.5.3+ writes, with the whole argv as an array.
     let running = err
         .lines()

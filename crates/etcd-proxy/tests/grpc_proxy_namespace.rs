@@ -487,7 +487,10 @@ async fn namespace_guards_lease_revoke() {
     // no key yet) but not the one whose only key is outside; etcd lists all three.
     let bare = lease_id(ok(ctl(&cluster, &addr, &["lease", "grant", "60"])));
     let listed = ok(ctl(&cluster, &addr, &["lease", "list"]));
-    assert!(listed.contains(&inside) && listed.contains(&bare), "{listed}");
+    assert!(
+        listed.contains(&inside) && listed.contains(&bare),
+        "{listed}"
+    );
     assert!(!listed.contains(&outside), "{listed}");
     assert!(listed.starts_with("found 2 leases"), "{listed}");
     let all = ok(cluster.etcdctl(&["lease", "list"]));
