@@ -37,6 +37,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::forward::{ResponseBody, status_headers};
+use crate::metrics::STREAMS;
 use crate::resume::{Client, ClientEvent, GIVE_UP_AFTER, grpc_status};
 use crate::rewrite::{Decoder, Limits, RequestBody, encode_message};
 use crate::upstream::{SendError, Upstream};
@@ -72,8 +73,6 @@ pub struct KeepAlives {
     upstream: Arc<Upstream>,
     limits: Limits,
     hubs: Mutex<HashMap<Identity, Weak<HubHandle>>>,
-    /// Upstream keep-alive streams open now (a metric).
-    open_streams: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl KeepAlives {
@@ -83,13 +82,7 @@ impl KeepAlives {
             upstream,
             limits,
             hubs: Mutex::new(HashMap::new()),
-            open_streams: Arc::default(),
         }
-    }
-
-    /// Upstream keep-alive streams open now.
-    pub fn upstream_streams(&self) -> i64 {
-        self.open_streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The hub of `identity`, started if it has none.
@@ -108,7 +101,6 @@ impl KeepAlives {
             identity,
             asks: rx,
             waiting: HashMap::new(),
-            open_streams: self.open_streams.clone(),
         };
         tokio::spawn(hub.run());
         handle
@@ -145,6 +137,7 @@ async fn serve_client(hub: Arc<HubHandle>, mut client: Client, out: mpsc::Sender
         tokio::select! {
             ev = client.next::<LeaseKeepAliveRequest>(), if !client.done && outstanding < MAX_OUTSTANDING => match ev {
                 ClientEvent::Message(m) => {
+                    STREAMS.keepalives_received.inc();
                     if hub.asks.send(Ask { id: m.id, reply: reply.clone() }).is_err() {
                         let _ = out.send(end(UNAVAILABLE, "etcd-proxy: keep-alive hub stopped".into())).await;
                         return;
@@ -188,7 +181,6 @@ struct Hub {
     asks: mpsc::UnboundedReceiver<Ask>,
     /// Per lease, who waits for the answer of the keep-alive on its way.
     waiting: HashMap<i64, Vec<mpsc::Sender<Answer>>>,
-    open_streams: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How one upstream stream ended.
@@ -208,6 +200,7 @@ impl Hub {
             match self.stream(avoid.as_deref(), &mut outage).await {
                 End::Idle => return,
                 End::Failed(member, reason) => {
+                    STREAMS.moved.with_label_values(&[PATH]).inc();
                     tracing::info!(member = ?member, reason = %reason, "moving the lease keep-alive stream to another etcd member");
                     if member.is_some() {
                         avoid = member;
@@ -308,9 +301,8 @@ impl Hub {
             return End::Failed(Some(serving.name().to_string()), message);
         }
         *outage = None;
-        self.open_streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _open = OpenStream(self.open_streams.clone());
+        STREAMS.keepalive_upstream_streams.inc();
+        let _open = OpenStream;
         let mut decoder = Decoder::new(self.limits.decoded_response());
         let mut failed = pin!(serving.failed());
         let member = || Some(serving.name().to_string());
@@ -374,18 +366,19 @@ impl Hub {
     }
 }
 
-/// A keep-alive for lease `id`, framed.
+/// A keep-alive for lease `id`, framed (and counted as sent).
 fn frame(id: i64) -> Bytes {
+    STREAMS.keepalives_sent.inc();
     let mut out = BytesMut::new();
     encode_message(&LeaseKeepAliveRequest { id }, &mut out);
     out.freeze()
 }
 
 /// Counts an open upstream stream while it lives.
-struct OpenStream(Arc<std::sync::atomic::AtomicI64>);
+struct OpenStream;
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        STREAMS.keepalive_upstream_streams.dec();
     }
 }

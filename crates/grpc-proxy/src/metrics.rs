@@ -233,6 +233,9 @@ impl Metrics {
             )
             .expect("static metric definition"),
         );
+        for c in STREAMS.collectors() {
+            let _ = registry.register(c);
+        }
         Metrics {
             registry,
             methods,
@@ -260,6 +263,64 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 }
+
+/// Counters of the long streams, updated where the streams live (`resume`, `keepalive`) and
+/// exposed by every [`Metrics`] registry of the process (one per proxy).
+pub struct StreamMetrics {
+    /// `etcd_grpc_proxy_streams_moved_total{grpc_method}`: streams moved to another member.
+    pub moved: IntCounterVec,
+    /// `etcd_grpc_proxy_lease_keepalive_upstream_streams`: shared keep-alive streams open to etcd.
+    pub keepalive_upstream_streams: IntGauge,
+    /// `etcd_grpc_proxy_lease_keepalives_received_total`: keep-alives received from clients.
+    pub keepalives_received: IntCounter,
+    /// `etcd_grpc_proxy_lease_keepalives_sent_total`: keep-alives sent to etcd (fewer when
+    /// clients of one lease share answers).
+    pub keepalives_sent: IntCounter,
+}
+
+impl StreamMetrics {
+    fn new() -> StreamMetrics {
+        // Static, valid definitions: the `expect`s cannot fire.
+        StreamMetrics {
+            moved: IntCounterVec::new(
+                Opts::new(
+                    "etcd_grpc_proxy_streams_moved_total",
+                    "Total number of streams moved to another etcd member after theirs failed them.",
+                ),
+                &["grpc_method"],
+            )
+            .expect("static metric definition"),
+            keepalive_upstream_streams: IntGauge::new(
+                "etcd_grpc_proxy_lease_keepalive_upstream_streams",
+                "Number of lease keep-alive streams open to etcd, shared by all clients of one identity.",
+            )
+            .expect("static metric definition"),
+            keepalives_received: IntCounter::new(
+                "etcd_grpc_proxy_lease_keepalives_received_total",
+                "Total number of lease keep-alives received from clients.",
+            )
+            .expect("static metric definition"),
+            keepalives_sent: IntCounter::new(
+                "etcd_grpc_proxy_lease_keepalives_sent_total",
+                "Total number of lease keep-alives sent to etcd.",
+            )
+            .expect("static metric definition"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.moved.clone()),
+            Box::new(self.keepalive_upstream_streams.clone()),
+            Box::new(self.keepalives_received.clone()),
+            Box::new(self.keepalives_sent.clone()),
+        ]
+    }
+}
+
+/// The process's [`StreamMetrics`].
+pub static STREAMS: std::sync::LazyLock<StreamMetrics> =
+    std::sync::LazyLock::new(StreamMetrics::new);
 
 impl Default for Metrics {
     fn default() -> Self {

@@ -334,6 +334,10 @@ impl<P: Policy> Session<P> {
                         to_client.end_with_status(status.clone()).await;
                         return;
                     }
+                    crate::metrics::STREAMS
+                        .moved
+                        .with_label_values(&[self.parts.uri.path()])
+                        .inc();
                     tracing::info!(
                         method = self.parts.uri.path(),
                         member = %member,
