@@ -113,13 +113,17 @@ pub async fn handle(
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
         (Handler::Resume(stream), rw) => {
             let namespace = rw.map(|rw| rw.namespace().clone());
-            resume::handle(upstream, namespace, limits, stream, req).await
+            Box::pin(resume::handle(upstream, namespace, limits, stream, req)).await
         }
-        (Handler::Rewrite(method), Some(rw)) => rewrite::handle(upstream, rw, method, req).await,
+        (Handler::Rewrite(method), Some(rw)) => {
+            Box::pin(rewrite::handle(upstream, rw, method, req)).await
+        }
         (Handler::GuardLeaseRevoke, Some(rw)) => {
-            crate::lease::guard_revoke(upstream, cluster, rw, req).await
+            Box::pin(crate::lease::guard_revoke(upstream, cluster, rw, req)).await
         }
-        (Handler::FilterLeases, Some(rw)) => crate::lease::filter_leases(cluster, rw, req).await,
+        (Handler::FilterLeases, Some(rw)) => {
+            Box::pin(crate::lease::filter_leases(cluster, rw, req)).await
+        }
         (Handler::Refuse(code, message), _) => status_response(code, message),
         (Handler::Read, _) => send_read(upstream, limits, req).await,
         _ => {

@@ -382,7 +382,7 @@ async fn accept_loop(
         tracker.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, port, req).await) }
+                Box::pin(async move { Ok::<_, Infallible>(route(&state, port, req).await) })
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             let mut conn = std::pin::pin!(conn);
