@@ -161,6 +161,39 @@ fn is_read(path: &str) -> bool {
     )
 }
 
+/// Reads a client's whole request body (a unary call: one message), its size checked against
+/// `limits`; the answer to give the client when it cannot be read.
+pub(crate) async fn collect_request(
+    body: Incoming,
+    limits: Limits,
+) -> Result<Bytes, Response<ResponseBody>> {
+    // The scanner refuses a message over a limit as soon as its prefix arrives; `Limited`
+    // bounds a body of many messages (not gRPC for a unary call, but it must not grow memory).
+    let checked = RequestBody::client(body, limits, None);
+    match http_body_util::Limited::new(checked, limits.request + 5)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(match e.downcast::<RequestBodyError>() {
+            Ok(e) => match *e {
+                RequestBodyError::Refused(status) => status_response(status.code, &status.message),
+                // The client reset its call: nobody is left to answer.
+                RequestBodyError::Client(e) => {
+                    status_response(CANCELLED, &format!("client stream: {e}"))
+                }
+            },
+            Err(_) => status_response(
+                RESOURCE_EXHAUSTED,
+                &format!(
+                    "grpc: received message larger than max (more than {} bytes)",
+                    limits.request
+                ),
+            ),
+        }),
+    }
+}
+
 /// Members a read is sent to at most, when each fails it.
 const READ_ATTEMPTS: usize = 3;
 
@@ -173,34 +206,9 @@ async fn send_read(
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
-    // The scanner refuses a message over a limit as soon as its prefix arrives; `Limited`
-    // bounds a body of many messages (not gRPC for a unary call, but it must not grow memory).
-    let checked = RequestBody::client(body, limits, None);
-    let body = match http_body_util::Limited::new(checked, limits.request + 5)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return match e.downcast::<RequestBodyError>() {
-                Ok(e) => match *e {
-                    RequestBodyError::Refused(status) => {
-                        status_response(status.code, &status.message)
-                    }
-                    // The client reset its call: nobody is left to answer.
-                    RequestBodyError::Client(e) => {
-                        status_response(CANCELLED, &format!("client stream: {e}"))
-                    }
-                },
-                Err(_) => status_response(
-                    RESOURCE_EXHAUSTED,
-                    &format!(
-                        "grpc: received message larger than max (more than {} bytes)",
-                        limits.request
-                    ),
-                ),
-            };
-        }
+    let body = match collect_request(body, limits).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
     };
     let mut avoid: Option<String> = None;
     for attempt in 1..=READ_ATTEMPTS {

@@ -41,13 +41,11 @@ use crate::limits::MessageLimit;
 use crate::namespace::Namespace;
 use crate::resume::{grpc_status, rebuild};
 use crate::rewrite::{
-    Decoder, GRPC_ACCEPT_ENCODING, Limits, RequestBody, RequestBodyError, Rewriter, Status,
-    encode_message,
+    Decoder, GRPC_ACCEPT_ENCODING, Limits, RequestBody, Rewriter, Status, encode_message,
 };
 use crate::upstream::{SendError, Upstream};
 
 /// gRPC codes used here.
-const CANCELLED: u16 = 1;
 const RESOURCE_EXHAUSTED: u16 = 8;
 const INTERNAL: u16 = 13;
 const UNAVAILABLE: u16 = 14;
@@ -156,7 +154,7 @@ impl Ordering {
         };
         let ns = rewriter.map(|rw| rw.namespace());
         let (mut parts, body) = req.into_parts();
-        let body = match collect(body, limits).await {
+        let body = match crate::forward::collect_request(body, limits).await {
             Ok(body) => body,
             Err(resp) => return resp,
         };
@@ -268,34 +266,6 @@ enum Verdict {
     Fresh,
     /// Behind the mark: ask another member.
     Stale,
-}
-
-/// Reads the client's whole request body (a unary call: one message), checking its size.
-async fn collect(body: Incoming, limits: Limits) -> Result<Bytes, Response<ResponseBody>> {
-    // The scanner refuses a message over a limit as soon as its prefix arrives; `Limited`
-    // bounds a body of many messages.
-    let checked = RequestBody::client(body, limits, None);
-    match http_body_util::Limited::new(checked, limits.request + PREFIX)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(match e.downcast::<RequestBodyError>() {
-            Ok(e) => match *e {
-                RequestBodyError::Refused(status) => status_response(status.code, &status.message),
-                RequestBodyError::Client(e) => {
-                    status_response(CANCELLED, &format!("client stream: {e}"))
-                }
-            },
-            Err(_) => status_response(
-                RESOURCE_EXHAUSTED,
-                &format!(
-                    "grpc: received message larger than max (more than {} bytes)",
-                    limits.request
-                ),
-            ),
-        }),
-    }
 }
 
 /// The client's request as the proxy sends it.
