@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::start_grpc_proxy;
-use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions, WatchStream};
+use etcd_client::{Client, GetOptions, WatchOptions, WatchStream};
 use testkit::Cluster;
 
 /// Streams of each kind opened through the proxy, one after the other: the proxy gives
@@ -20,12 +20,7 @@ const STREAMS: usize = 3;
 const WRITES: usize = 40;
 
 async fn connect(endpoints: &[String]) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(20));
-    Client::connect(endpoints, Some(opts))
-        .await
-        .expect("connect")
+    common::etcd_client(endpoints).await
 }
 
 /// A follower to kill or stop, a client of the other members (writes and set-up go straight

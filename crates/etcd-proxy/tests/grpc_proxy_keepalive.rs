@@ -11,19 +11,14 @@ use std::time::{Duration, Instant};
 use common::start_grpc_proxy;
 use etcd_api::etcdserverpb::lease_client::LeaseClient;
 use etcd_api::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use testkit::Cluster;
 use tonic::transport::Channel;
 
 const CLIENTS: usize = 12;
 
 async fn connect(endpoints: &[String]) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(20));
-    Client::connect(endpoints, Some(opts))
-        .await
-        .expect("connect")
+    common::etcd_client(endpoints).await
 }
 
 /// LeaseKeepAlive streams member `i` has started, from etcd's own gRPC metrics.

@@ -301,24 +301,11 @@ fn goes_back(revisions: &[i64]) -> Option<usize> {
 }
 
 fn start_proxy(members: &[&Member], extra: &[&str]) -> (ProxyProcess, String) {
-    let endpoints = format!(
-        "--endpoints={}",
-        members
-            .iter()
-            .map(|m| format!("http://{}", m.addr()))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let mut args = vec![
-        "grpc-proxy",
-        "start",
-        "--listen-addr=127.0.0.1:0",
-        endpoints.as_str(),
-    ];
-    args.extend_from_slice(extra);
-    let p = ProxyProcess::start(&args, "started gRPC proxy");
-    let addr = p.grpc_address();
-    (p, addr)
+    let urls: Vec<String> = members
+        .iter()
+        .map(|m| format!("http://{}", m.addr()))
+        .collect();
+    common::start_grpc_proxy_at(&urls, extra)
 }
 
 const READS: usize = 30;

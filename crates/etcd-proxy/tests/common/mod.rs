@@ -281,7 +281,12 @@ pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: 
 /// Starts `etcd-proxy grpc-proxy start` in front of `cluster` on a port of its choosing, with
 /// `extra` flags; returns it and the address from its `started gRPC proxy` line.
 pub fn start_grpc_proxy(cluster: &testkit::Cluster, extra: &[&str]) -> (ProxyProcess, String) {
-    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
+    start_grpc_proxy_at(&cluster.client_urls(), extra)
+}
+
+/// [`start_grpc_proxy`] in front of the members at `urls` only.
+pub fn start_grpc_proxy_at(urls: &[String], extra: &[&str]) -> (ProxyProcess, String) {
+    let endpoints = format!("--endpoints={}", urls.join(","));
     let mut args = vec![
         "grpc-proxy",
         "start",
@@ -351,4 +356,15 @@ pub async fn raw_call_body(
             .to_string()
     };
     (get("grpc-status"), get("grpc-message"), data)
+}
+
+/// An `etcd-client` at `endpoints` with bounded connect and call timeouts, so a hung proxy
+/// fails the test instead of stalling it.
+pub async fn etcd_client(endpoints: &[String]) -> etcd_client::Client {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(20));
+    etcd_client::Client::connect(endpoints, Some(opts))
+        .await
+        .expect("connect")
 }
