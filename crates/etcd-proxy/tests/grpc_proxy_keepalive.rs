@@ -221,3 +221,41 @@ async fn keepalives_share_one_upstream_stream_and_keep_etcds_answers() {
         stopped.elapsed()
     );
 }
+
+/// Bad input on a keep-alive stream gets grpc-go's code and a clear message, and the proxy goes
+/// on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_keepalive_messages_get_grpc_codes() {
+    let cluster = Cluster::start(1).await;
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
+    const PATH: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+    let mut over_limit = vec![0u8];
+    over_limit.extend_from_slice(&(5u32 << 20).to_be_bytes());
+    for (what, body, code, message) in [
+        // Field 1 (ID) with a varint cut short.
+        (
+            "undecodable",
+            vec![0, 0, 0, 0, 2, 0x08, 0x80],
+            "13",
+            "error unmarshalling request",
+        ),
+        ("compressed", vec![1, 0, 0, 0, 0], "12", "compressed"),
+        ("over 4 MiB", over_limit, "8", "larger than max"),
+        (
+            "truncated",
+            vec![0, 0, 0, 0, 9, 8],
+            "13",
+            "ended in the middle",
+        ),
+    ] {
+        let (got_code, got_message) = common::raw_call(&addr, PATH, &body, false).await;
+        assert_eq!(got_code, code, "{what}: {got_message}");
+        assert!(got_message.contains(message), "{what}: {got_message}");
+    }
+    // Still serving: a keep-alive of a missing lease gets etcd's TTL 0.
+    let (answers, code) = keepalive_then_half_close(&addr, 0x7e57_0002).await;
+    assert_eq!(
+        (answers.len(), answers[0].ttl, code),
+        (1, 0, tonic::Code::Ok)
+    );
+}
