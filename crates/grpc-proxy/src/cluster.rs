@@ -273,16 +273,7 @@ impl Cluster {
     }
 
     async fn revoke(&self, lease: i64) {
-        let revoked = tokio::time::timeout(
-            REVOKE_TIMEOUT,
-            self.call(|ch| async move {
-                LeaseClient::new(ch)
-                    .lease_revoke(LeaseRevokeRequest { id: lease })
-                    .await
-                    .map(|_| ())
-            }),
-        )
-        .await;
+        let revoked = tokio::time::timeout(REVOKE_TIMEOUT, self.lease_revoke(lease)).await;
         match revoked {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -370,6 +361,17 @@ impl Cluster {
                     .await
                     .map(|r| r.into_inner())
             }
+        })
+        .await
+    }
+
+    /// Revokes lease `id` (the proxy's own leases: registration, leasing session).
+    pub(crate) async fn lease_revoke(&self, id: i64) -> CallResult<()> {
+        self.call(|ch| async move {
+            LeaseClient::new(ch)
+                .lease_revoke(LeaseRevokeRequest { id })
+                .await
+                .map(|_| ())
         })
         .await
     }

@@ -46,9 +46,9 @@ use etcd_api::etcdserverpb::response_op::Response as OpResponse;
 use etcd_api::etcdserverpb::watch_client::WatchClient;
 use etcd_api::etcdserverpb::watch_request::RequestUnion;
 use etcd_api::etcdserverpb::{
-    Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
-    PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest,
+    RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest,
 };
 use etcd_api::mvccpb::{Event, KeyValue, event::EventType};
 use futures::StreamExt;
@@ -995,16 +995,8 @@ impl Leasing {
             }
             // Whether lost or stopping: revoke, so that the leasing keys go now (a lease etcd
             // already dropped answers NotFound, which changes nothing).
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.cluster.call(|ch| async move {
-                    LeaseClient::new(ch)
-                        .lease_revoke(LeaseRevokeRequest { id: lease })
-                        .await
-                        .map(|_| ())
-                }),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.cluster.lease_revoke(lease))
+                .await;
             match lost {
                 None => return,
                 Some(why) => {
