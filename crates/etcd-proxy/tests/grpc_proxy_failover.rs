@@ -12,9 +12,9 @@ use common::start_grpc_proxy;
 use etcd_client::{Client, GetOptions, WatchOptions, WatchStream};
 use testkit::Cluster;
 
-/// Streams of each kind opened through the proxy, one after the other: the proxy gives
-/// consecutive calls to consecutive members, so with 3 members each kind has a stream on the
-/// member that is killed.
+/// Streams of each kind opened through the proxy, one after the other. The watch streams share
+/// one upstream stream, whose member is the one killed; the proxy gives consecutive observe
+/// calls to consecutive members, so with 3 members one observer is on it too.
 const STREAMS: usize = 3;
 /// Keys written, half before the kill and half after.
 const WRITES: usize = 40;
@@ -23,20 +23,47 @@ async fn connect(endpoints: &[String]) -> Client {
     common::etcd_client(endpoints).await
 }
 
-/// A follower to kill or stop, a client of the other members (writes and set-up go straight
-/// to them; only the streams under test use the proxy), and a client of the proxy at `addr`.
-async fn victim_and_clients(cluster: &Cluster, addr: &str) -> (usize, Client, Client) {
-    let leader = cluster.leader().await.expect("a leader");
-    let victim = (leader + 1) % cluster.len();
+/// The member to kill or stop: the one holding the proxy's shared upstream watch stream; and a
+/// client of the other members (writes go straight to them; only the streams under test use
+/// the proxy).
+async fn victim_and_survivors(cluster: &Cluster) -> (usize, Client) {
+    let victim = common::member_with_streams(cluster, "Watch").await;
+    // Writes must go on while the victim is gone: it must be a follower.
+    if cluster.leader().await == Some(victim) {
+        let target = (victim + 1) % cluster.len();
+        let status = cluster.etcdctl_at(
+            &cluster.member(target).client_endpoint(),
+            &["endpoint", "status", "-w", "json"],
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&status.stdout).expect("endpoint status json");
+        let id = json[0]["Status"]["header"]["member_id"]
+            .as_u64()
+            .expect("member_id");
+        let moved = cluster.etcdctl_at(
+            &cluster.member(victim).client_endpoint(),
+            &["move-leader", &format!("{id:x}")],
+        );
+        assert!(moved.status.success(), "move-leader: {moved:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.leader().await == Some(victim) {
+            assert!(Instant::now() < deadline, "leadership did not move");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let survivors: Vec<String> = (0..cluster.len())
         .filter(|&i| i != victim)
         .map(|i| cluster.member(i).client_endpoint())
         .collect();
-    (
-        victim,
-        connect(&survivors).await,
-        connect(&[addr.to_string()]).await,
-    )
+    (victim, connect(&survivors).await)
+}
+
+/// A client of every member, for the set-up before the victim is known.
+async fn everyone(cluster: &Cluster) -> Client {
+    let all: Vec<String> = (0..cluster.len())
+        .map(|i| cluster.member(i).client_endpoint())
+        .collect();
+    connect(&all).await
 }
 
 /// Reads `stream` until it has seen `want` events, or fails after 30 s; returns the events'
@@ -74,7 +101,8 @@ async fn collect_events(
 async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
     let mut cluster = Cluster::start(3).await;
     let (p, addr) = start_grpc_proxy(&cluster, &[]);
-    let (victim, mut direct, mut proxied) = victim_and_clients(&cluster, &addr).await;
+    let mut direct = everyone(&cluster).await;
+    let mut proxied = connect(std::slice::from_ref(&addr)).await;
 
     // Each key is first written before the streams exist, so prev_kv is known for every event.
     for i in 0..WRITES {
@@ -122,6 +150,7 @@ async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
     for _ in 0..STREAMS {
         observers.push(proxied.observe("ballot").await.expect("observe"));
     }
+    let (victim, mut direct) = victim_and_survivors(&cluster).await;
 
     // Keep the leases alive through the proxy every second from now on, counting answers
     // with a TTL after the kill.
@@ -249,7 +278,8 @@ async fn streams_move_to_another_member_without_losing_or_repeating_anything() {
 async fn watches_leave_a_member_that_stops_answering() {
     let cluster = Cluster::start(3).await;
     let (p, addr) = start_grpc_proxy(&cluster, &[]);
-    let (victim, mut direct, mut proxied) = victim_and_clients(&cluster, &addr).await;
+    let mut direct = everyone(&cluster).await;
+    let mut proxied = connect(std::slice::from_ref(&addr)).await;
 
     let from = direct
         .put("stop/0", "before", None)
@@ -266,6 +296,7 @@ async fn watches_leave_a_member_that_stops_answering() {
     for w in &mut watches {
         assert_eq!(collect_events(w, 1).await[0].1, from);
     }
+    let (victim, mut direct) = victim_and_survivors(&cluster).await;
 
     cluster.pause(victim);
     let mut expected = Vec::new();

@@ -35,19 +35,6 @@ async fn keepalive_streams_started(cluster: &Cluster, i: usize) -> f64 {
         .sum()
 }
 
-/// The value of the proxy's metric `name` (one series, labels included in `name` if any), read
-/// from `/proxy/metrics` on its port.
-fn proxy_metric(addr: &str, name: &str) -> f64 {
-    let out = std::process::Command::new("curl")
-        .args(["-sf", &format!("http://{addr}/proxy/metrics")])
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /proxy/metrics:\n{text}"))
-}
-
 /// One keep-alive on a raw tonic stream that is half-closed after it: the answers and the
 /// final status, as the client sees them.
 async fn keepalive_then_half_close(
@@ -183,7 +170,7 @@ async fn keepalives_share_one_upstream_stream_and_keep_etcds_answers() {
         "{}",
         p.log()
     );
-    let moved = proxy_metric(
+    let moved = common::proxy_metric(
         &addr,
         r#"etcd_grpc_proxy_streams_moved_total{grpc_method="/etcdserverpb.Lease/LeaseKeepAlive"}"#,
     );

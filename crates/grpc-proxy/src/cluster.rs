@@ -26,7 +26,7 @@ use etcd_api::etcdserverpb::lease_client::LeaseClient;
 use etcd_api::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseLeasesResponse,
     LeaseRevokeRequest, LeaseTimeToLiveRequest, Member, MemberListRequest, MemberListResponse,
-    PutRequest, RangeRequest,
+    PutRequest, RangeRequest, ResponseHeader,
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Request;
@@ -345,6 +345,39 @@ impl Cluster {
                     .lease_time_to_live(r)
                     .await
                     .map(|r| r.into_inner().keys)
+            }
+        })
+        .await
+    }
+
+    /// The header of a serializable count-only read of `[key, range_end)` (etcd's form) with
+    /// the caller's `token` and `authorization` metadata from `headers`: the current revision
+    /// of a member for a new watcher's created response, and etcd's permission check for the
+    /// caller (a watcher must not join a shared upstream watcher it could not have created).
+    pub async fn watch_check(
+        &self,
+        key: &Bytes,
+        range_end: &Bytes,
+        headers: &HeaderMap,
+    ) -> CallResult<ResponseHeader> {
+        let auth = caller_auth(headers);
+        self.call(|ch| {
+            let r = with_auth(
+                RangeRequest {
+                    key: key.clone(),
+                    range_end: range_end.clone(),
+                    serializable: true,
+                    count_only: true,
+                    limit: 1,
+                    ..Default::default()
+                },
+                &auth,
+            );
+            async move {
+                KvClient::new(ch)
+                    .range(r)
+                    .await
+                    .map(|r| r.into_inner().header.unwrap_or_default())
             }
         })
         .await

@@ -27,6 +27,7 @@ pub mod profiling;
 pub mod resume;
 pub mod rewrite;
 pub mod upstream;
+pub mod watch;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -173,6 +174,8 @@ struct State {
     leasing: Option<Arc<leasing::Leasing>>,
     /// Serves every client's `LeaseKeepAlive` over shared upstream streams.
     keepalives: keepalive::KeepAlives,
+    /// Serves every client's `Watch` over shared upstream watchers.
+    watches: watch::Watches,
 }
 
 /// [`serve`], plus the HTTP endpoints alone on `metrics_listener` (`--metrics-addr`).
@@ -202,6 +205,12 @@ pub async fn serve_with_metrics(
         ordering: ordering::Ordering::new(config.serializable_ordering),
         leasing: leasing.as_ref().map(|(l, _)| l.clone()),
         keepalives: keepalive::KeepAlives::new(upstream.clone(), config.limits),
+        watches: watch::Watches::new(
+            upstream.clone(),
+            cluster.clone(),
+            config.limits,
+            config.namespace.clone(),
+        ),
         admin: Admin {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -312,6 +321,7 @@ async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Bo
                 leasing.handle(req).await
             }
             _ if req.uri().path() == keepalive::PATH => state.keepalives.handle(req).await,
+            _ if req.uri().path() == watch::PATH => state.watches.handle(req).await,
             _ if state.ordering.applies(req.uri().path()) => {
                 let rewriter = state.rewriter.as_ref();
                 let upstream = &state.admin.upstream;

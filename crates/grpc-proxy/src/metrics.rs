@@ -214,25 +214,7 @@ impl Metrics {
             )
             .expect("static metric definition"),
         );
-        // Watches are forwarded one to one today: no client watcher shares an upstream one and
-        // no event is fanned out, so these are truthfully zero until coalescing lands. The cache
-        // metrics are left out until there is a cache.
-        let _coalescing: IntGauge = register(
-            &registry,
-            IntGauge::new(
-                "etcd_grpc_proxy_watchers_coalescing_total",
-                "Total number of current watchers coalescing",
-            )
-            .expect("static metric definition"),
-        );
-        let _events: IntCounter = register(
-            &registry,
-            IntCounter::new(
-                "etcd_grpc_proxy_events_coalescing_total",
-                "Total number of events coalescing",
-            )
-            .expect("static metric definition"),
-        );
+        // The cache metrics are left out until there is a cache.
         for c in STREAMS.collectors() {
             let _ = registry.register(c);
         }
@@ -276,6 +258,17 @@ pub struct StreamMetrics {
     /// `etcd_grpc_proxy_lease_keepalives_sent_total`: keep-alives sent to etcd (fewer when
     /// clients of one lease share answers).
     pub keepalives_sent: IntCounter,
+    /// `etcd_grpc_proxy_watchers_coalescing_total` (etcd's name, a gauge): client watchers
+    /// served by an upstream watcher they share, beyond the first of each.
+    pub watchers_coalescing: IntGauge,
+    /// `etcd_grpc_proxy_events_coalescing_total` (etcd's name): event responses delivered to a
+    /// client watcher without their own upstream copy (one upstream response to n watchers
+    /// counts n - 1).
+    pub events_coalescing: IntCounter,
+    /// `etcd_grpc_proxy_watch_upstream_watchers`: watchers the proxy holds on etcd.
+    pub watch_upstream_watchers: IntGauge,
+    /// `etcd_grpc_proxy_watch_client_watchers`: client watchers attached to them.
+    pub watch_client_watchers: IntGauge,
 }
 
 impl StreamMetrics {
@@ -305,6 +298,26 @@ impl StreamMetrics {
                 "Total number of lease keep-alives sent to etcd.",
             )
             .expect("static metric definition"),
+            watchers_coalescing: IntGauge::new(
+                "etcd_grpc_proxy_watchers_coalescing_total",
+                "Total number of current watchers coalescing",
+            )
+            .expect("static metric definition"),
+            events_coalescing: IntCounter::new(
+                "etcd_grpc_proxy_events_coalescing_total",
+                "Total number of events coalescing",
+            )
+            .expect("static metric definition"),
+            watch_upstream_watchers: IntGauge::new(
+                "etcd_grpc_proxy_watch_upstream_watchers",
+                "Number of watchers the proxy holds on etcd, each shared by the client watchers of one key range.",
+            )
+            .expect("static metric definition"),
+            watch_client_watchers: IntGauge::new(
+                "etcd_grpc_proxy_watch_client_watchers",
+                "Number of client watchers attached to an upstream watcher.",
+            )
+            .expect("static metric definition"),
         }
     }
 
@@ -314,6 +327,10 @@ impl StreamMetrics {
             Box::new(self.keepalive_upstream_streams.clone()),
             Box::new(self.keepalives_received.clone()),
             Box::new(self.keepalives_sent.clone()),
+            Box::new(self.watchers_coalescing.clone()),
+            Box::new(self.events_coalescing.clone()),
+            Box::new(self.watch_upstream_watchers.clone()),
+            Box::new(self.watch_client_watchers.clone()),
         ]
     }
 }

@@ -113,6 +113,37 @@ pub async fn handle(
     }
 }
 
+/// A resumable `Watch` stream driven by the proxy itself (the watch coalescer): framed
+/// [`WatchRequest`]s go in through the returned sender, and etcd's answers come back as the
+/// response, whose body yields framed [`WatchResponse`]s and ends with the trailers. `headers`
+/// is the call's metadata (auth, `hasleader`).
+pub(crate) fn watch_session(
+    upstream: &Arc<Upstream>,
+    headers: HeaderMap,
+    limits: Limits,
+) -> (
+    mpsc::UnboundedSender<Bytes>,
+    oneshot::Receiver<Response<ResponseBody>>,
+) {
+    let mut req = Request::new(());
+    *req.method_mut() = hyper::Method::POST;
+    *req.uri_mut() = hyper::Uri::from_static("/etcdserverpb.Watch/Watch");
+    *req.headers_mut() = headers;
+    let (parts, ()) = req.into_parts();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (head_tx, head_rx) = oneshot::channel();
+    let session = Session {
+        upstream: upstream.clone(),
+        namespace: None,
+        limits,
+        policy: Watch::default(),
+        parts,
+        client: Client::local(rx, limits),
+    };
+    tokio::spawn(session.run(head_tx));
+    (tx, head_rx)
+}
+
 async fn start<P: Policy>(
     upstream: &Arc<Upstream>,
     namespace: Option<Namespace>,
@@ -150,9 +181,17 @@ pub(crate) enum ClientEvent<R> {
     Gone,
 }
 
+/// Where a client's request messages come from.
+enum Source {
+    /// A gRPC call's request body.
+    Call(Incoming),
+    /// Framed messages from a task of the proxy ([`watch_session`]).
+    Local(mpsc::UnboundedReceiver<Bytes>),
+}
+
 /// The client's side of the request stream.
 pub(crate) struct Client {
-    body: Incoming,
+    source: Source,
     decoder: Decoder,
     limits: Limits,
     /// The client half-closed its side.
@@ -163,7 +202,17 @@ impl Client {
     /// The request stream of a call, its messages checked against `limits`.
     pub(crate) fn new(body: Incoming, limits: Limits) -> Client {
         Client {
-            body,
+            source: Source::Call(body),
+            decoder: Decoder::new(limits.request),
+            limits,
+            done: false,
+        }
+    }
+
+    /// Framed requests written by the proxy itself; closing `rx`'s sender half-closes.
+    fn local(rx: mpsc::UnboundedReceiver<Bytes>, limits: Limits) -> Client {
+        Client {
+            source: Source::Local(rx),
             decoder: Decoder::new(limits.request),
             limits,
             done: false,
@@ -193,7 +242,11 @@ impl Client {
                     return ClientEvent::Bad(status.code, status.message);
                 }
             }
-            match self.body.frame().await {
+            let frame = match &mut self.source {
+                Source::Call(body) => body.frame().await,
+                Source::Local(rx) => rx.recv().await.map(|data| Ok(Frame::data(data))),
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.decoder.push(&data);

@@ -368,3 +368,51 @@ pub async fn etcd_client(endpoints: &[String]) -> etcd_client::Client {
         .await
         .expect("connect")
 }
+
+/// Streams of gRPC method `method` (`Watch`, `LeaseKeepAlive`, ...) open on member `i` now,
+/// from etcd's own metrics (started minus handled).
+pub async fn open_streams(cluster: &testkit::Cluster, i: usize, method: &str) -> f64 {
+    let text = cluster.metrics_text(i).await;
+    let sum = |metric: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(&format!("grpc_method=\"{method}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    sum("grpc_server_started_total{") - sum("grpc_server_handled_total{")
+}
+
+/// The member holding the open streams of `method` (the proxy's shared upstream stream), once
+/// exactly one member has some; panics after 10 s.
+pub async fn member_with_streams(cluster: &testkit::Cluster, method: &str) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut holders = Vec::new();
+        for i in 0..cluster.len() {
+            if open_streams(cluster, i, method).await > 0.0 {
+                holders.push(i);
+            }
+        }
+        if let [one] = holders[..] {
+            return one;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{method} streams are open on members {holders:?}, not on exactly one"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the proxy's metric `name` (one series, labels included in `name` if any), read
+/// from `/proxy/metrics` on its port.
+pub fn proxy_metric(addr: &str, name: &str) -> f64 {
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/proxy/metrics")])
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /proxy/metrics:\n{text}"))
+}

@@ -1,0 +1,563 @@
+//! One client's `Watch` stream, answered as etcd's watch server answers it (see [`super`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use etcd_api::etcdserverpb::watch_create_request::FilterType;
+use etcd_api::etcdserverpb::watch_request::RequestUnion;
+use etcd_api::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
+use etcd_api::mvccpb::Event;
+use etcd_api::mvccpb::event::EventType;
+use hyper::Response;
+use hyper::body::Frame;
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use super::hub::{Dispatch, Shared, ToHub};
+use super::{CLIENT_QUEUE, HubHandle};
+use crate::cluster::Cluster;
+use crate::forward::{ResponseBody, status_headers};
+use crate::namespace::Namespace;
+use crate::resume::{Client, ClientEvent};
+use crate::rewrite::encode_message;
+
+/// etcd's `--max-request-bytes` default: a watcher that asked for `fragment` gets a revision
+/// larger than this in pieces, as etcd's watch server cuts them.
+const FRAGMENT_BYTES: usize = 1536 * 1024;
+
+/// etcd's answers to creates it refuses.
+const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
+/// A watcher of this stream.
+#[derive(Debug)]
+struct Watcher {
+    /// Its range, in etcd's form.
+    range: (Bytes, Bytes),
+    /// The start revision the client asked for (0: from now).
+    asked_start: i64,
+    /// The header of the read made at create, for the created response.
+    header: Option<ResponseHeader>,
+    /// Attached: its created response was sent.
+    created: bool,
+    /// The first revision it has not seen all events of.
+    next: i64,
+    prev_kv: bool,
+    progress_notify: bool,
+    fragment: bool,
+    no_put: bool,
+    no_delete: bool,
+}
+
+impl Watcher {
+    fn new(c: &WatchCreateRequest, range: (Bytes, Bytes), header: ResponseHeader) -> Watcher {
+        let has = |f: FilterType| c.filters.contains(&(f as i32));
+        Watcher {
+            range,
+            asked_start: c.start_revision,
+            header: Some(header),
+            created: false,
+            next: 0,
+            prev_kv: c.prev_kv,
+            progress_notify: c.progress_notify,
+            fragment: c.fragment,
+            no_put: has(FilterType::Noput),
+            no_delete: has(FilterType::Nodelete),
+        }
+    }
+
+    /// Whether the watcher's filters leave `e` out.
+    fn filters_out(&self, e: &Event) -> bool {
+        match EventType::try_from(e.r#type) {
+            Ok(EventType::Put) => self.no_put,
+            Ok(EventType::Delete) => self.no_delete,
+            Err(_) => false,
+        }
+    }
+}
+
+/// What to send the client for one shared response.
+#[derive(Debug, PartialEq)]
+enum View {
+    /// Nothing (everything in it was seen or filtered out).
+    Nothing,
+    /// The shared events as they are.
+    Shared,
+    /// These responses, made for the watcher.
+    Own(Vec<WatchResponse>),
+}
+
+/// What watcher `w` (id `wid`) gets of `shared`, and its next revision advanced past it.
+fn view(w: &mut Watcher, wid: i64, shared: &Shared) -> View {
+    let r = &shared.resp;
+    let rev = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+    let Some(last) = r.events.last().map(rev) else {
+        // A progress notification: every event up to its revision was shared. Not shown to a
+        // watcher that started later (it would see the revision go back).
+        let revision = r.header.as_ref().map_or(0, |h| h.revision);
+        if revision + 1 < w.next {
+            return View::Nothing;
+        }
+        w.next = w.next.max(revision + 1);
+        return if w.progress_notify {
+            View::Own(vec![WatchResponse {
+                header: r.header,
+                watch_id: wid,
+                ..Default::default()
+            }])
+        } else {
+            View::Nothing
+        };
+    };
+    if last < w.next {
+        return View::Nothing;
+    }
+    let from = w.next;
+    w.next = last + 1;
+    let whole = r.events.first().map(rev).unwrap_or(0) >= from && !w.no_put && !w.no_delete;
+    if whole && !(w.fragment && shared.size >= FRAGMENT_BYTES) {
+        return View::Shared;
+    }
+    let events: Vec<Event> = r
+        .events
+        .iter()
+        .filter(|e| rev(e) >= from && !w.filters_out(e))
+        .map(|e| Event {
+            prev_kv: if w.prev_kv { e.prev_kv.clone() } else { None },
+            ..e.clone()
+        })
+        .collect();
+    if events.is_empty() {
+        return View::Nothing;
+    }
+    let resp = WatchResponse {
+        header: r.header,
+        watch_id: wid,
+        events,
+        ..Default::default()
+    };
+    View::Own(if w.fragment {
+        fragments(resp, FRAGMENT_BYTES)
+    } else {
+        vec![resp]
+    })
+}
+
+/// `resp` cut as etcd's watch server cuts a response for a watcher that asked for `fragment`:
+/// whole if it is under `max` bytes or has one event; else pieces of as many events as stay
+/// under `max` (at least one each), all but the last marked `fragment`.
+fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
+    if resp.encoded_len() < max || resp.events.len() < 2 {
+        return vec![resp];
+    }
+    let mut template = resp.clone();
+    template.events.clear();
+    template.fragment = true;
+    let base = template.encoded_len();
+    let mut out = Vec::new();
+    let mut events = resp.events.into_iter().peekable();
+    loop {
+        let mut cur = template.clone();
+        let mut size = base;
+        while let Some(e) = events.peek() {
+            let len = prost::encoding::message::encoded_len(11, e);
+            if !cur.events.is_empty() && size + len >= max {
+                break;
+            }
+            size += len;
+            cur.events.extend(events.next());
+        }
+        if events.peek().is_none() {
+            cur.fragment = false;
+            out.push(cur);
+            return out;
+        }
+        out.push(cur);
+    }
+}
+
+/// A framed `WatchResponse` made of `header`, `watch_id` and already encoded `events`, as two
+/// pieces so the events are not copied.
+fn frame_shared(header: Option<&ResponseHeader>, wid: i64, events: &Bytes) -> [Bytes; 2] {
+    let mut head = BytesMut::new();
+    if let Some(h) = header {
+        prost::encoding::message::encode(1, h, &mut head);
+    }
+    if wid != 0 {
+        prost::encoding::int64::encode(2, &wid, &mut head);
+    }
+    let len = head.len() + events.len();
+    let mut framed = BytesMut::with_capacity(5 + head.len());
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    framed.extend_from_slice(&head);
+    [framed.freeze(), events.clone()]
+}
+
+/// The text etcd's watch server puts in `cancel_reason` for a gRPC error.
+fn go_status_text(status: &tonic::Status) -> String {
+    format!(
+        "rpc error: code = {:?} desc = {}",
+        status.code(),
+        status.message()
+    )
+}
+
+/// The client's side of the response. Its head goes with the first message, as grpc-go's
+/// servers send it: a client whose call returns has had its first create answered.
+enum Out {
+    Waiting(oneshot::Sender<Response<ResponseBody>>),
+    Open(mpsc::Sender<Frame<Bytes>>),
+    Closed,
+}
+
+impl Out {
+    /// Resolves when the client is gone.
+    async fn closed(&mut self) {
+        match self {
+            Out::Waiting(head) => head.closed().await,
+            Out::Open(out) => out.closed().await,
+            Out::Closed => std::future::pending().await,
+        }
+    }
+
+    /// Sends `frame`, after the head if it is the first; false once the client is gone.
+    async fn send(&mut self, frame: Frame<Bytes>) -> bool {
+        if let Out::Waiting(_) = self {
+            let Out::Waiting(head) = std::mem::replace(self, Out::Closed) else {
+                return false;
+            };
+            if frame.is_trailers() {
+                // Nothing was sent: a trailers-only response.
+                let mut resp = Response::new(ResponseBody::Empty);
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                resp.headers_mut()
+                    .extend(frame.into_trailers().unwrap_or_default());
+                let _ = head.send(resp);
+                return false;
+            }
+            let (out, out_rx) = mpsc::channel(CLIENT_QUEUE);
+            let mut resp = Response::new(ResponseBody::Channel(out_rx));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            if head.send(resp).is_err() {
+                return false;
+            }
+            *self = Out::Open(out);
+        }
+        match self {
+            Out::Open(out) => out.send(frame).await.is_ok(),
+            _ => false,
+        }
+    }
+}
+
+pub(super) struct ClientStream {
+    cid: u64,
+    hub: Arc<HubHandle>,
+    cluster: Arc<Cluster>,
+    namespace: Option<Namespace>,
+    /// The client's metadata, for the reads made in its name.
+    headers: HeaderMap,
+    client: Client,
+    out: Out,
+    watchers: BTreeMap<i64, Watcher>,
+    /// The next server-chosen `watch_id` to try, as etcd allocates them.
+    next_id: i64,
+    /// The newest header seen, for answers that need one when etcd gives none.
+    last_header: Option<ResponseHeader>,
+}
+
+impl ClientStream {
+    pub(super) fn new(
+        cid: u64,
+        hub: Arc<HubHandle>,
+        cluster: Arc<Cluster>,
+        namespace: Option<Namespace>,
+        headers: HeaderMap,
+        client: Client,
+        head: oneshot::Sender<Response<ResponseBody>>,
+    ) -> ClientStream {
+        ClientStream {
+            cid,
+            hub,
+            cluster,
+            namespace,
+            headers,
+            client,
+            out: Out::Waiting(head),
+            watchers: BTreeMap::new(),
+            next_id: 0,
+            last_header: None,
+        }
+    }
+
+    fn to_hub(&self, msg: ToHub) {
+        let _ = self.hub.tx.send(msg);
+    }
+
+    pub(super) async fn run(mut self) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        self.to_hub(ToHub::Join {
+            cid: self.cid,
+            tx,
+            queued: queued.clone(),
+        });
+        loop {
+            tokio::select! {
+                ev = self.client.next::<WatchRequest>(), if !self.client.done => match ev {
+                    ClientEvent::Message(m) => {
+                        if !self.on_request(m).await {
+                            break;
+                        }
+                    }
+                    // etcd goes on sending after a half-close.
+                    ClientEvent::End => {}
+                    ClientEvent::Bad(code, message) => {
+                        self.out.send(Frame::trailers(status_headers(code, &message))).await;
+                        break;
+                    }
+                    ClientEvent::Gone => break,
+                },
+                d = rx.recv() => {
+                    let Some(d) = d else { break };
+                    let cost = d.cost();
+                    let go_on = self.on_dispatch(d).await;
+                    queued.fetch_sub(cost, Ordering::AcqRel);
+                    if !go_on {
+                        break;
+                    }
+                }
+                () = self.out.closed() => break,
+            }
+        }
+        self.to_hub(ToHub::Leave { cid: self.cid });
+    }
+
+    async fn send(&mut self, resp: &WatchResponse) -> bool {
+        let mut framed = BytesMut::new();
+        encode_message(resp, &mut framed);
+        self.out.send(Frame::data(framed.freeze())).await
+    }
+
+    fn seen(&mut self, header: &Option<ResponseHeader>) {
+        if let Some(h) = header
+            && self
+                .last_header
+                .as_ref()
+                .is_none_or(|l| l.revision <= h.revision)
+        {
+            self.last_header = Some(*h);
+        }
+    }
+
+    /// Handles a client request; false ends the stream.
+    async fn on_request(&mut self, mut m: WatchRequest) -> bool {
+        if let Some(ns) = &self.namespace {
+            ns.watch_request(&mut m);
+        }
+        match m.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => self.cancel(c.watch_id).await,
+            Some(RequestUnion::ProgressRequest(_)) => {
+                self.to_hub(ToHub::Progress { cid: self.cid });
+                true
+            }
+            // etcd ignores a request it does not know.
+            None => true,
+        }
+    }
+
+    /// A create, checked as etcd checks it (permission, range, `watch_id`), then attached.
+    async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        let key = if c.key.is_empty() {
+            Bytes::from_static(&[0])
+        } else {
+            c.key.clone()
+        };
+        let end = c.range_end.clone();
+        let refuse =
+            |header: Option<ResponseHeader>, watch_id: i64, reason: String| WatchResponse {
+                header,
+                watch_id,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            };
+        let header = match self.cluster.watch_check(&key, &end, &self.headers).await {
+            Ok(h) => h,
+            Err(status) => {
+                let resp = refuse(self.last_header, c.watch_id, go_status_text(&status));
+                return self.send(&resp).await;
+            }
+        };
+        self.seen(&Some(header));
+        // A range end of "\0" means every key from `key` on.
+        let bounded_end: &[u8] = if end.as_ref() == [0] { &[] } else { &end };
+        if !bounded_end.is_empty() && key.as_ref() >= bounded_end {
+            return self
+                .send(&refuse(Some(header), -1, EMPTY_RANGE.to_string()))
+                .await;
+        }
+        let wid = if c.watch_id != 0 {
+            if self.watchers.contains_key(&c.watch_id) {
+                return self
+                    .send(&refuse(Some(header), -1, DUPLICATE_ID.to_string()))
+                    .await;
+            }
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        };
+        let now = header.revision;
+        let range = (key, end);
+        self.watchers
+            .insert(wid, Watcher::new(&c, range.clone(), header));
+        self.to_hub(ToHub::Attach {
+            cid: self.cid,
+            wid,
+            range,
+            start: c.start_revision,
+            now,
+        });
+        true
+    }
+
+    /// A cancel: etcd answers a known watcher with its current header, and nothing else.
+    async fn cancel(&mut self, wid: i64) -> bool {
+        let Some(w) = self.watchers.remove(&wid) else {
+            return true;
+        };
+        self.to_hub(ToHub::Detach { cid: self.cid, wid });
+        let header = match self
+            .cluster
+            .watch_check(&w.range.0, &w.range.1, &self.headers)
+            .await
+        {
+            Ok(h) => Some(h),
+            Err(_) => self.last_header,
+        };
+        self.seen(&header);
+        self.send(&WatchResponse {
+            header,
+            watch_id: wid,
+            canceled: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Handles what the hub sent; false ends the stream.
+    async fn on_dispatch(&mut self, d: Dispatch) -> bool {
+        match d {
+            Dispatch::Created { wid, start } => {
+                let Some(w) = self.watchers.get_mut(&wid) else {
+                    return true;
+                };
+                if w.created {
+                    // Attached again after falling behind.
+                    w.next = w.next.max(start);
+                    return true;
+                }
+                w.created = true;
+                w.next = start;
+                let mut header = w.header.take();
+                if w.asked_start == 0
+                    && let Some(h) = &mut header
+                {
+                    // From now: the revision it starts after.
+                    h.revision = start - 1;
+                }
+                self.send(&WatchResponse {
+                    header,
+                    watch_id: wid,
+                    created: true,
+                    ..Default::default()
+                })
+                .await
+            }
+            Dispatch::Events { wids, shared } => {
+                self.seen(&shared.resp.header);
+                for &wid in wids.iter() {
+                    let Some(w) = self.watchers.get_mut(&wid) else {
+                        continue;
+                    };
+                    if !w.created {
+                        continue;
+                    }
+                    let prev_kv = w.prev_kv;
+                    let sent = match view(w, wid, &shared) {
+                        View::Nothing => true,
+                        View::Shared => {
+                            let pieces = frame_shared(
+                                shared.resp.header.as_ref(),
+                                wid,
+                                shared.events(prev_kv),
+                            );
+                            let mut ok = true;
+                            for p in pieces {
+                                ok = ok && self.out.send(Frame::data(p)).await;
+                            }
+                            ok
+                        }
+                        View::Own(resps) => {
+                            let mut ok = true;
+                            for r in &resps {
+                                ok = ok && self.send(r).await;
+                            }
+                            ok
+                        }
+                    };
+                    if !sent {
+                        return false;
+                    }
+                }
+                true
+            }
+            Dispatch::Canceled { wid, mut resp } => {
+                if self.watchers.remove(&wid).is_none() {
+                    return true;
+                }
+                resp.watch_id = wid;
+                self.send(&resp).await
+            }
+            Dispatch::Detached { wids } => {
+                for wid in wids {
+                    if let Some(w) = self.watchers.get(&wid) {
+                        self.to_hub(ToHub::Attach {
+                            cid: self.cid,
+                            wid,
+                            range: w.range.clone(),
+                            start: w.next,
+                            now: w.next - 1,
+                        });
+                    }
+                }
+                true
+            }
+            Dispatch::Progress { header } => {
+                self.seen(&header);
+                self.send(&WatchResponse {
+                    header,
+                    watch_id: -1,
+                    ..Default::default()
+                })
+                .await
+            }
+            Dispatch::End(status) => {
+                self.out.send(Frame::trailers(status)).await;
+                false
+            }
+        }
+    }
+}
