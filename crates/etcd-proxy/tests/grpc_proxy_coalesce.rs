@@ -392,3 +392,101 @@ async fn a_slow_stream_falls_behind_alone_and_catches_up_from_history() {
         p.log()
     );
 }
+
+/// With etcd auth on, each watcher is checked with its own token, as etcd checks it: a user
+/// watching a key it may not read gets etcd's refusal (the same answer as directly), while
+/// another user's watcher of that key, and its own watcher of a key it may read, get events.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_watcher_is_checked_with_its_own_token() {
+    let cluster = Cluster::start(1).await;
+    for args in [
+        &["role", "add", "root"][..],
+        &["user", "add", "root:rootpw"],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "a-rw"],
+        &[
+            "role",
+            "grant-permission",
+            "a-rw",
+            "readwrite",
+            "a/",
+            "--prefix=true",
+        ],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "a-rw"],
+        &["auth", "enable"],
+    ] {
+        common::ok(cluster.etcdctl(args));
+    }
+    let (_p, addr) = start_grpc_proxy(&cluster, &[]);
+    let direct = cluster.member(0).client_endpoint();
+    let login = |at: String, user: &'static str, password: &'static str| async move {
+        let opts = etcd_client::ConnectOptions::new().with_user(user, password);
+        etcd_client::Client::connect([at], Some(opts))
+            .await
+            .expect("log in")
+    };
+    let mut alice = login(addr.clone(), "alice", "alicepw").await;
+    let mut alice_direct = login(direct.clone(), "alice", "alicepw").await;
+    let mut root = login(addr.clone(), "root", "rootpw").await;
+    let mut root_direct = login(direct, "root", "rootpw").await;
+
+    // Alice may not watch b/x: the same refusal through the proxy as directly.
+    let refusal = |resp: etcd_client::WatchResponse| {
+        (
+            resp.created(),
+            resp.canceled(),
+            resp.watch_id(),
+            resp.cancel_reason().to_string(),
+        )
+    };
+    let mut proxied = alice.watch("b/x", None).await.expect("watch");
+    let mut straight = alice_direct.watch("b/x", None).await.expect("watch");
+    let got = refusal(proxied.message().await.expect("message").expect("open"));
+    let want = refusal(straight.message().await.expect("message").expect("open"));
+    assert_eq!(got, want, "alice's watch of b/x, through the proxy vs directly");
+    assert!(got.1, "alice's watch of b/x must be refused: {got:?}");
+
+    // Root watches b/x and a/1, alice a/1: each gets the events it may see.
+    let mut root_b = root.watch("b/x", None).await.expect("watch");
+    let mut root_a = root.watch("a/1", None).await.expect("watch");
+    let mut alice_a = alice.watch("a/1", None).await.expect("watch");
+    for w in [&mut root_b, &mut root_a, &mut alice_a] {
+        let created = w.message().await.expect("message").expect("open");
+        assert!(created.created() && !created.canceled(), "{created:?}");
+    }
+    let b = root_direct
+        .put("b/x", "secret", None)
+        .await
+        .expect("put b/x")
+        .header()
+        .expect("header")
+        .revision();
+    let a = root_direct
+        .put("a/1", "shared", None)
+        .await
+        .expect("put a/1")
+        .header()
+        .expect("header")
+        .revision();
+    for (what, w, key, rev) in [
+        ("root b/x", &mut root_b, "b/x", b),
+        ("root a/1", &mut root_a, "a/1", a),
+        ("alice a/1", &mut alice_a, "a/1", a),
+    ] {
+        let m = tokio::time::timeout(WAIT, w.message())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no event"))
+            .expect("message")
+            .expect("open");
+        let kv = m.events()[0].kv().expect("kv");
+        assert_eq!((kv.key_str().unwrap(), kv.mod_revision()), (key, rev), "{what}");
+    }
+    // Alice's refused stream got nothing more: b/x's event never reached it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), proxied.message())
+            .await
+            .is_err(),
+        "alice's refused watch of b/x received something"
+    );
+}
