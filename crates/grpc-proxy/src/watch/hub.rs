@@ -106,7 +106,7 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    fn new(resp: WatchResponse) -> Shared {
+    pub(super) fn new(resp: WatchResponse) -> Shared {
         Shared {
             size: resp.encoded_len(),
             resp,
@@ -172,35 +172,46 @@ struct Group {
     /// Every event before this revision has been shared.
     next: i64,
     /// Per client stream, its watchers here.
-    members: HashMap<u64, Arc<[i64]>>,
+    members: HashMap<u64, Member>,
     /// Events of a revision that etcd is sending in fragments.
     fragments: Vec<Event>,
     /// Watchers whose created answer waits for etcd's (a group from now, `next` still 0).
     waiting: Vec<(u64, i64)>,
 }
 
+/// One client stream's watchers in a group.
+#[derive(Default)]
+struct Member {
+    wids: Vec<i64>,
+    /// The same, as sent with each response; made again after a change.
+    shared: Option<Arc<[i64]>>,
+}
+
+impl Member {
+    fn ids(&mut self) -> Arc<[i64]> {
+        self.shared
+            .get_or_insert_with(|| self.wids.as_slice().into())
+            .clone()
+    }
+}
+
 impl Group {
     fn len(&self) -> usize {
-        self.members.values().map(|w| w.len()).sum()
+        self.members.values().map(|m| m.wids.len()).sum()
     }
 
     fn add(&mut self, cid: u64, wids: &[i64]) {
-        let mut all: Vec<i64> = self
-            .members
-            .get(&cid)
-            .map(|w| w.to_vec())
-            .unwrap_or_default();
-        all.extend_from_slice(wids);
-        self.members.insert(cid, all.into());
+        let m = self.members.entry(cid).or_default();
+        m.wids.extend_from_slice(wids);
+        m.shared = None;
     }
 
     fn remove(&mut self, cid: u64, wid: i64) {
-        if let Some(w) = self.members.get(&cid) {
-            let rest: Vec<i64> = w.iter().copied().filter(|&x| x != wid).collect();
-            if rest.is_empty() {
+        if let Some(m) = self.members.get_mut(&cid) {
+            m.wids.retain(|&x| x != wid);
+            m.shared = None;
+            if m.wids.is_empty() {
                 self.members.remove(&cid);
-            } else {
-                self.members.insert(cid, rest.into());
             }
         }
     }
@@ -258,6 +269,8 @@ pub(super) struct Hub {
     progress_next: Vec<u64>,
     /// What this hub last added to the shared gauges: (upstream watchers, client watchers).
     reported: (i64, i64),
+    /// Watchers or groups may have changed since the gauges were brought up to date.
+    dirty: bool,
 }
 
 impl Hub {
@@ -283,6 +296,7 @@ impl Hub {
             progress_asked: Vec::new(),
             progress_next: Vec::new(),
             reported: (0, 0),
+            dirty: false,
         }
     }
 
@@ -299,12 +313,14 @@ impl Hub {
         }
         self.groups.clear();
         self.clients.clear();
+        self.dirty = true;
         self.report();
     }
 
     // ---- client streams ---------------------------------------------------------------------
 
     fn on_client(&mut self, msg: ToHub) {
+        self.dirty = true;
         match msg {
             ToHub::Join { cid, tx, queued } => {
                 self.clients.insert(
@@ -344,9 +360,20 @@ impl Hub {
                 }
             }
             ToHub::Leave { cid } => {
-                if let Some(c) = self.clients.remove(&cid) {
-                    for (wid, gid) in c.watchers {
-                        self.leave_group(gid, cid, wid);
+                let Some(c) = self.clients.remove(&cid) else {
+                    return;
+                };
+                let gids: std::collections::HashSet<i64> = c.watchers.into_values().collect();
+                for gid in gids {
+                    let Some(g) = self.groups.get_mut(&gid) else {
+                        continue;
+                    };
+                    g.members.remove(&cid);
+                    if g.members.is_empty() {
+                        self.forget_group(gid);
+                        self.send_upstream(RequestUnion::CancelRequest(WatchCancelRequest {
+                            watch_id: gid,
+                        }));
                     }
                 }
             }
@@ -572,6 +599,7 @@ impl Hub {
     /// The upstream stream is over for good: every client stream ends with its status, and the
     /// next watcher starts afresh.
     fn end_all(&mut self, status: HeaderMap) {
+        self.dirty = true;
         tracing::info!(
             status = ?grpc_status(&status),
             "upstream watch stream ended; ending the client streams that shared it"
@@ -660,23 +688,25 @@ impl Hub {
     /// Hands one response of group `gid` to its watchers' streams; a stream over its bound
     /// has its watchers of this group detached instead.
     fn share(&mut self, gid: i64, resp: WatchResponse) {
-        let Some(g) = self.groups.get(&gid) else {
+        let Some(g) = self.groups.get_mut(&gid) else {
             return;
         };
         let has_events = !resp.events.is_empty();
         let shared = Arc::new(Shared::new(resp));
         let mut slow = Vec::new();
         let mut receivers = 0u64;
-        for (cid, wids) in &g.members {
+        for (cid, m) in &mut g.members {
             let Some(c) = self.clients.get(cid) else {
                 continue;
             };
+            let wids = m.ids();
+            let n = wids.len() as u64;
             let d = Dispatch::Events {
-                wids: wids.clone(),
+                wids,
                 shared: shared.clone(),
             };
             if c.send(d, false) {
-                receivers += wids.len() as u64;
+                receivers += n;
             } else {
                 slow.push(*cid);
             }
@@ -689,8 +719,9 @@ impl Hub {
                 .groups
                 .get(&gid)
                 .and_then(|g| g.members.get(&cid))
-                .map(|w| w.to_vec())
+                .map(|m| m.wids.clone())
                 .unwrap_or_default();
+            self.dirty = true;
             tracing::info!(
                 client = cid,
                 watchers = wids.len(),
@@ -743,14 +774,15 @@ impl Hub {
             self.send_upstream(RequestUnion::CancelRequest(WatchCancelRequest {
                 watch_id: t,
             }));
-            for (cid, wids) in g.members {
+            self.dirty = true;
+            for (cid, m) in g.members {
                 if let Some(c) = self.clients.get_mut(&cid) {
-                    for wid in wids.iter() {
-                        c.watchers.insert(*wid, head);
+                    for &wid in &m.wids {
+                        c.watchers.insert(wid, head);
                     }
                 }
                 if let Some(h) = self.groups.get_mut(&head) {
-                    h.add(cid, &wids);
+                    h.add(cid, &m.wids);
                 }
             }
         }
@@ -773,9 +805,10 @@ impl Hub {
         if cancel.cancel_reason.is_empty() && cancel.compact_revision == 0 {
             cancel.cancel_reason = "etcd-proxy: etcd canceled the shared watcher".to_string();
         }
-        for (cid, wids) in g.members {
+        self.dirty = true;
+        for (cid, m) in g.members {
             if let Some(c) = self.clients.get_mut(&cid) {
-                for &wid in wids.iter() {
+                for &wid in &m.wids {
                     c.watchers.remove(&wid);
                     c.send(
                         Dispatch::Canceled {
@@ -803,6 +836,9 @@ impl Hub {
 
     /// Brings the shared gauges up to date with this hub's counts.
     fn report(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let upstream = self.groups.len() as i64;
         let clients = self.groups.values().map(Group::len).sum::<usize>() as i64;
         let (u0, c0) = self.reported;

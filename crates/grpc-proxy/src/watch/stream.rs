@@ -561,3 +561,179 @@ impl ClientStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_api::mvccpb::KeyValue;
+
+    fn event(rev: i64, put: bool, value: usize) -> Event {
+        let kv = |v: &str| KeyValue {
+            key: Bytes::from_static(b"k"),
+            mod_revision: rev,
+            value: Bytes::from(v.repeat(value)),
+            ..Default::default()
+        };
+        Event {
+            r#type: if put {
+                EventType::Put as i32
+            } else {
+                EventType::Delete as i32
+            },
+            kv: Some(kv("n")),
+            prev_kv: Some(kv("p")),
+        }
+    }
+
+    fn shared(revs: &[(i64, bool)]) -> Shared {
+        Shared::new(WatchResponse {
+            header: Some(ResponseHeader {
+                revision: revs.last().map_or(20, |r| r.0),
+                member_id: 7,
+                ..Default::default()
+            }),
+            watch_id: 99,
+            events: revs.iter().map(|&(r, put)| event(r, put, 1)).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn watcher(create: WatchCreateRequest, next: i64) -> Watcher {
+        let mut w = Watcher::new(
+            &create,
+            (Bytes::from_static(b"k"), Bytes::new()),
+            ResponseHeader::default(),
+        );
+        w.created = true;
+        w.next = next;
+        w
+    }
+
+    fn revs(v: &View) -> Vec<Vec<i64>> {
+        match v {
+            View::Own(rs) => rs
+                .iter()
+                .map(|r| {
+                    r.events
+                        .iter()
+                        .map(|e| e.kv.as_ref().unwrap().mod_revision)
+                        .collect()
+                })
+                .collect(),
+            other => panic!("expected own responses, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_watcher_gets_each_event_once_from_its_next_revision() {
+        let mut w = watcher(WatchCreateRequest::default(), 5);
+        let s = shared(&[(4, true), (5, true), (6, true)]);
+        let v = view(&mut w, 3, &s);
+        assert_eq!(revs(&v), [vec![5, 6]], "events before 5 are not its own");
+        assert_eq!(w.next, 7);
+        assert_eq!(view(&mut w, 3, &s), View::Nothing, "never twice");
+        // A whole response from its next revision on is shared as is.
+        assert_eq!(view(&mut w, 3, &shared(&[(7, true)])), View::Shared);
+        assert_eq!(w.next, 8);
+    }
+
+    #[test]
+    fn filters_and_prev_kv_are_the_watchers_own() {
+        let create = WatchCreateRequest {
+            filters: vec![FilterType::Nodelete as i32],
+            prev_kv: false,
+            ..Default::default()
+        };
+        let mut w = watcher(create, 1);
+        let v = view(&mut w, 1, &shared(&[(3, true), (4, false)]));
+        assert_eq!(revs(&v), [vec![3]], "the delete is filtered out");
+        let View::Own(rs) = v else { unreachable!() };
+        assert!(rs[0].events[0].prev_kv.is_none(), "prev_kv only if asked");
+        assert_eq!(rs[0].watch_id, 1);
+        // Everything filtered: nothing is sent, and the watcher still moves on.
+        assert_eq!(view(&mut w, 1, &shared(&[(6, false)])), View::Nothing);
+        assert_eq!(w.next, 7);
+    }
+
+    #[test]
+    fn progress_notifications_only_when_asked_and_never_backwards() {
+        let progress = |rev: i64| {
+            Shared::new(WatchResponse {
+                header: Some(ResponseHeader {
+                    revision: rev,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        let mut quiet = watcher(WatchCreateRequest::default(), 5);
+        assert_eq!(view(&mut quiet, 1, &progress(9)), View::Nothing);
+        assert_eq!(quiet.next, 10, "a progress notification moves it on");
+        let asked = WatchCreateRequest {
+            progress_notify: true,
+            ..Default::default()
+        };
+        let mut w = watcher(asked, 12);
+        assert_eq!(
+            view(&mut w, 1, &progress(9)),
+            View::Nothing,
+            "a watcher created after revision 11 must not be told 9"
+        );
+        assert!(matches!(view(&mut w, 1, &progress(11)), View::Own(r) if r[0].watch_id == 1));
+    }
+
+    #[test]
+    fn fragments_are_cut_as_etcd_cuts_them() {
+        let big = WatchResponse {
+            header: Some(ResponseHeader::default()),
+            watch_id: 2,
+            events: (0..5).map(|_| event(9, true, 400)).collect(),
+            ..Default::default()
+        };
+        let max = 1000;
+        let parts = fragments(big.clone(), max);
+        assert!(parts.len() > 1);
+        let mut all = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(
+                p.fragment,
+                i + 1 < parts.len(),
+                "only the last is not a fragment"
+            );
+            assert!(!p.events.is_empty());
+            assert!(
+                p.encoded_len() < max || p.events.len() == 1,
+                "a piece over the limit has one event"
+            );
+            all.extend(p.events.clone());
+        }
+        assert_eq!(all, big.events, "the pieces add up to the revision");
+        // Under the limit, or a single event: whole.
+        assert_eq!(fragments(big.clone(), 1 << 20), std::slice::from_ref(&big));
+        let one = WatchResponse {
+            events: vec![event(9, true, 4000)],
+            ..big
+        };
+        assert_eq!(fragments(one.clone(), max), [one]);
+    }
+
+    #[test]
+    fn a_shared_frame_decodes_as_the_watchers_response() {
+        let s = shared(&[(3, true), (4, false)]);
+        for prev_kv in [true, false] {
+            let [head, events] = frame_shared(s.resp.header.as_ref(), 42, s.events(prev_kv));
+            let mut framed = BytesMut::from(&head[..]);
+            framed.extend_from_slice(&events);
+            assert_eq!(framed[0], 0, "not compressed");
+            let len = u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize;
+            assert_eq!(len, framed.len() - 5);
+            let got = WatchResponse::decode(&framed[5..]).expect("decode");
+            let mut want = s.resp.clone();
+            want.watch_id = 42;
+            if !prev_kv {
+                want.events.iter_mut().for_each(|e| e.prev_kv = None);
+            }
+            assert_eq!(got, want);
+        }
+    }
+}
