@@ -659,6 +659,38 @@ pub struct GrpcProxyStartArgs {
     )]
     pub experimental_leasing_prefix: String,
 
+    /// `--range-cache-max-entries` (not in etcd, whose cache holds 2048 entries): most
+    /// serializable Range answers the range cache holds.
+    #[arg(
+        long,
+        value_name = "int",
+        value_parser = go_int,
+        default_value = "2048",
+        help = "Maximum number of serializable Range responses held by the range cache (least recently used evicted first)."
+    )]
+    pub range_cache_max_entries: i64,
+
+    /// `--range-cache-max-bytes` (not in etcd): most bytes the range cache holds.
+    #[arg(
+        long,
+        value_name = "int",
+        value_parser = go_int,
+        default_value = "67108864",
+        help = "Maximum bytes held by the range cache; a larger response is never cached."
+    )]
+    pub range_cache_max_bytes: i64,
+
+    /// `--disable-range-cache` (not in etcd): send every Range to etcd.
+    #[arg(
+        long,
+        value_name = "bool",
+        action = ArgAction::Set,
+        value_parser = go_bool,
+        default_value = "false",
+        help = "Disable the range cache: every Range request goes to etcd."
+    )]
+    pub disable_range_cache: bool,
+
     /// `--debug`: log at debug level.
     #[arg(
         long,
@@ -1136,6 +1168,9 @@ mod tests {
         assert!(!p.debug && !p.auto_tls && !p.enable_pprof && !p.permit_without_stream);
         assert!(!p.insecure_discovery && !p.insecure_skip_tls_verify);
         assert!(!p.experimental_serializable_ordering);
+        assert_eq!(p.range_cache_max_entries, 2048);
+        assert_eq!(p.range_cache_max_bytes, 64 << 20);
+        assert!(!p.disable_range_cache);
     }
 
     #[test]

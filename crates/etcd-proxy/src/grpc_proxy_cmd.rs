@@ -32,6 +32,23 @@ fn message_limit(flag: &str, value: i64) -> Result<usize, ExitError> {
         })
 }
 
+/// The range cache's bounds, `None` with `--disable-range-cache`; a negative bound is refused.
+fn range_cache(
+    args: &GrpcProxyStartArgs,
+) -> Result<Option<grpc_proxy::cache::CacheLimits>, ExitError> {
+    if args.disable_range_cache {
+        return Ok(None);
+    }
+    let bound = |flag: &str, value: i64| {
+        usize::try_from(value)
+            .map_err(|_| ExitError::new(format!("{flag} must not be negative, got {value}")))
+    };
+    Ok(Some(grpc_proxy::cache::CacheLimits {
+        max_entries: bound("--range-cache-max-entries", args.range_cache_max_entries)?,
+        max_bytes: bound("--range-cache-max-bytes", args.range_cache_max_bytes)?,
+    }))
+}
+
 /// Validates the flags, binds, logs `started gRPC proxy` and serves until a shutdown signal.
 pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
     reject_unsupported(&args)?;
@@ -68,6 +85,7 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
     // As etcd: an empty prefix is no leasing.
     config.leasing_prefix = (!args.experimental_leasing_prefix.is_empty())
         .then(|| args.experimental_leasing_prefix.clone().into_bytes().into());
+    config.range_cache = range_cache(&args)?;
     config.limits.send = message_limit("--max-send-bytes", args.max_send_bytes)?;
     config.limits.recv = message_limit("--max-recv-bytes", args.max_recv_bytes)?;
 

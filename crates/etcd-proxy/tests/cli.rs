@@ -81,7 +81,8 @@ fn grpc_proxy_start_help_lists_every_etcd_flag_and_default() {
         ),
         "{out}"
     );
-    // (flag with type word, help text with etcd's default) for every flag of etcd 3.5.
+    // (flag with type word, help text with etcd's default) for every flag of etcd 3.5, plus
+    // this proxy's range cache flags.
     let flags: &[(&str, &str)] = &[
         (
             "--advertise-client-url string",
@@ -116,6 +117,10 @@ fn grpc_proxy_start_help_lists_every_etcd_flag_and_default() {
         (
             "--dial-keepalive-timeout duration",
             "keepalive timeout for client(grpc-proxy) connections (default 20s). (default 20s)",
+        ),
+        (
+            "--disable-range-cache",
+            "Disable the range cache: every Range request goes to etcd.",
         ),
         (
             "--discovery-srv string",
@@ -202,6 +207,14 @@ fn grpc_proxy_start_help_lists_every_etcd_flag_and_default() {
         (
             "--permit-without-stream",
             "Enable client(grpc-proxy) to send keepalive pings even with no active RPCs.",
+        ),
+        (
+            "--range-cache-max-bytes int",
+            "Maximum bytes held by the range cache; a larger response is never cached. (default 67108864)",
+        ),
+        (
+            "--range-cache-max-entries int",
+            "Maximum number of serializable Range responses held by the range cache (least recently used evicted first). (default 2048)",
         ),
         (
             "--resolver-prefix string",

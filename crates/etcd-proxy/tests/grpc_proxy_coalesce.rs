@@ -399,25 +399,7 @@ async fn a_slow_stream_falls_behind_alone_and_catches_up_from_history() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_watcher_is_checked_with_its_own_token() {
     let cluster = Cluster::start(1).await;
-    for args in [
-        &["role", "add", "root"][..],
-        &["user", "add", "root:rootpw"],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "a-rw"],
-        &[
-            "role",
-            "grant-permission",
-            "a-rw",
-            "readwrite",
-            "a/",
-            "--prefix=true",
-        ],
-        &["user", "add", "alice:alicepw"],
-        &["user", "grant-role", "alice", "a-rw"],
-        &["auth", "enable"],
-    ] {
-        common::ok(cluster.etcdctl(args));
-    }
+    common::enable_auth(&cluster, &[("alice", "alicepw", "readwrite", "a/")]);
     let (_p, addr) = start_grpc_proxy(&cluster, &[]);
     let direct = cluster.member(0).client_endpoint();
     let login = |at: String, user: &'static str, password: &'static str| async move {
@@ -444,7 +426,10 @@ async fn each_watcher_is_checked_with_its_own_token() {
     let mut straight = alice_direct.watch("b/x", None).await.expect("watch");
     let got = refusal(proxied.message().await.expect("message").expect("open"));
     let want = refusal(straight.message().await.expect("message").expect("open"));
-    assert_eq!(got, want, "alice's watch of b/x, through the proxy vs directly");
+    assert_eq!(
+        got, want,
+        "alice's watch of b/x, through the proxy vs directly"
+    );
     assert!(got.1, "alice's watch of b/x must be refused: {got:?}");
 
     // Root watches b/x and a/1, alice a/1: each gets the events it may see.
@@ -480,7 +465,11 @@ async fn each_watcher_is_checked_with_its_own_token() {
             .expect("message")
             .expect("open");
         let kv = m.events()[0].kv().expect("kv");
-        assert_eq!((kv.key_str().unwrap(), kv.mod_revision()), (key, rev), "{what}");
+        assert_eq!(
+            (kv.key_str().unwrap(), kv.mod_revision()),
+            (key, rev),
+            "{what}"
+        );
     }
     // Alice's refused stream got nothing more: b/x's event never reached it.
     assert!(

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, ok, start_grpc_proxy};
+use common::{ProxyProcess, curl, ok, start_grpc_proxy};
 use testkit::Cluster;
 
 fn address(p: &ProxyProcess, msg: &str) -> String {
@@ -16,31 +15,6 @@ fn address(p: &ProxyProcess, msg: &str) -> String {
         .and_then(|v| v["address"].as_str())
         .unwrap_or_else(|| panic!("`{msg}` has an address:\n{}", p.log()))
         .to_string()
-}
-
-/// `curl <args> url`: the status code and body.
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let run = || {
-        Command::new("curl")
-            .args(["-s", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
-            .args(args)
-            .arg(url)
-            .output()
-            .expect("run curl")
-    };
-    let out = match tokio::runtime::Handle::try_current() {
-        Ok(_) => tokio::task::block_in_place(run),
-        Err(_) => run(),
-    };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text
-        .rsplit_once('\n')
-        .unwrap_or_else(|| panic!("curl {url}: {text:?}"));
-    (
-        code.parse()
-            .unwrap_or_else(|_| panic!("curl {url}: status {code:?}")),
-        body.to_string(),
-    )
 }
 
 fn get(url: &str) -> (u16, String) {

@@ -35,6 +35,19 @@ async fn keepalive_streams_started(cluster: &Cluster, i: usize) -> f64 {
         .sum()
 }
 
+/// One keep-alive on an `etcd-client` stream, and its answer within 5 s.
+async fn keep_alive_once(
+    keeper: &mut etcd_client::LeaseKeeper,
+    stream: &mut etcd_client::LeaseKeepAliveStream,
+) -> etcd_client::LeaseKeepAliveResponse {
+    keeper.keep_alive().await.expect("send");
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("answered in time")
+        .expect("stream")
+        .expect("open")
+}
+
 /// One keep-alive on a raw tonic stream that is half-closed after it: the answers and the
 /// final status, as the client sees them.
 async fn keepalive_then_half_close(
@@ -103,12 +116,7 @@ async fn keepalives_share_one_upstream_stream_and_keep_etcds_answers() {
         keepers.push(c.lease_keep_alive(id).await.expect("keep-alive stream"));
     }
     for ((keeper, stream), &id) in keepers.iter_mut().zip(&leases) {
-        keeper.keep_alive().await.expect("send");
-        let answer = tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .expect("answered in time")
-            .expect("stream")
-            .expect("open");
+        let answer = keep_alive_once(keeper, stream).await;
         assert_eq!(answer.id(), id);
         assert!(answer.ttl() > 0 && answer.ttl() <= 5, "{answer:?}");
     }
@@ -119,12 +127,7 @@ async fn keepalives_share_one_upstream_stream_and_keep_etcds_answers() {
     let mut rtts = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        keeper.keep_alive().await.expect("send");
-        let answer = tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .expect("answered in time")
-            .expect("stream")
-            .expect("open");
+        let answer = keep_alive_once(keeper, stream).await;
         assert_eq!(
             answer.ttl(),
             5,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use backend::Endpoint;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -117,7 +117,7 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
             }
             health.response()
         }
-        "/metrics" => backend_metrics(admin).await,
+        "/metrics" => from_member(admin, "/metrics", "text/plain; version=0.0.4").await,
         "/proxy/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(admin.metrics.render())));
             resp.headers_mut().insert(
@@ -376,7 +376,7 @@ fn grpc_request(addr: &str, path: &str, message: &[u8]) -> Result<Request<Full<B
 }
 
 /// The gRPC status in `headers`: `None` if there is none.
-fn status_in(headers: &HeaderMap) -> Option<(u16, String)> {
+pub(crate) fn status_in(headers: &HeaderMap) -> Option<(u16, String)> {
     let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
     let message = headers
         .get("grpc-message")
@@ -535,20 +535,21 @@ fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 /// `/metrics`: a live member's own `/metrics`, passed through as etcd's proxy does (200 and
-/// the member's body; 500 when no member answers).
-async fn backend_metrics(admin: &Admin) -> Response<HttpBody> {
+/// the member's body; 500 when no member answers). `/version` the same way (JSON clients of the
+/// HTTP API read it to choose their API path).
+async fn from_member(admin: &Admin, path: &str, content_type: &'static str) -> Response<HttpBody> {
     for ep in admin.upstream.members_in_order() {
-        match tokio::time::timeout(admin.dial_timeout, http_get(&ep, "/metrics")).await {
+        match tokio::time::timeout(admin.dial_timeout, http_get(&ep, path)).await {
             Ok(Ok(body)) => {
                 let mut resp = Response::new(Full::new(body));
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 return resp;
             }
-            Ok(Err(e)) => tracing::debug!(endpoint = %ep, error = %e, "cannot read member metrics"),
-            Err(_) => tracing::debug!(endpoint = %ep, "member metrics: no answer in time"),
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %ep, path, error = %e, "cannot read from a member")
+            }
+            Err(_) => tracing::debug!(endpoint = %ep, path, "member: no answer in time"),
         }
     }
     go_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
@@ -584,7 +585,7 @@ async fn http_get(ep: &Endpoint, path: &str) -> Result<Bytes, String> {
 }
 
 /// Whether a request is gRPC (to be forwarded) rather than plain HTTP for [`handle`].
-pub fn is_grpc(req: &Request<Incoming>) -> bool {
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use backend::Endpoint;
 use backend::endpoint::Scheme;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use etcd_api::etcdserverpb::cluster_client::ClusterClient;
 use etcd_api::etcdserverpb::kv_client::KvClient;
 use etcd_api::etcdserverpb::lease_client::LeaseClient;
@@ -31,17 +31,18 @@ use etcd_api::etcdserverpb::{
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Request;
 use hyper::Response;
-use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+
+use hyper::header::HeaderMap;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::Config;
-use crate::forward::{ResponseBody, status_headers, status_response};
+use crate::body::ClientBody;
+use crate::forward::{ResponseBody, status_response};
 use crate::namespace::prefix_end;
-use crate::rewrite::{Decoder, encode_frame};
+use crate::rewrite::Decoder;
 use crate::upstream::Upstream;
 
 /// gRPC path of the call answered here when registration is on.
@@ -157,11 +158,24 @@ impl Cluster {
     /// One channel per member, in [`Upstream::members_in_order`] order (the leasing cache's
     /// streams and its calls that must not be sent twice).
     pub(crate) fn channels(&self) -> Vec<Channel> {
+        self.member_channels()
+            .into_iter()
+            .map(|(_, ch)| ch)
+            .collect()
+    }
+
+    /// [`Cluster::channels`] with the member each channel goes to.
+    pub(crate) fn member_channels(&self) -> Vec<(Endpoint, Channel)> {
         self.upstream
             .members_in_order()
-            .iter()
-            .filter_map(|ep| self.channel(ep))
+            .into_iter()
+            .filter_map(|ep| self.channel(&ep).map(|ch| (ep, ch)))
             .collect()
+    }
+
+    /// The member at `ep`, to wait for it to fail its health probe.
+    pub(crate) fn serving(&self, ep: &Endpoint) -> Option<crate::upstream::Serving> {
+        self.upstream.serving(ep)
     }
 
     /// Runs `f` on the members in turn until one answers; `UNAVAILABLE`, a timeout and
@@ -410,7 +424,7 @@ impl Cluster {
     }
 
     /// Answers `Cluster/MemberList` with one member per registered proxy.
-    pub async fn member_list(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn member_list(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let Some(reg) = &self.registration else {
             return status_response(Code::Internal as u16, "MemberList: no resolver prefix");
         };
@@ -502,16 +516,7 @@ impl Cluster {
             header: ranged.header,
             members,
         };
-        let mut framed = BytesMut::new();
-        encode_frame(&resp.encode_to_vec(), &mut framed);
-        let mut response = Response::new(ResponseBody::Local {
-            message: Some(framed.freeze()),
-            trailers: Some(status_headers(0, "")),
-        });
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        response
+        crate::forward::local_response(&resp.encode_to_vec())
     }
 
     /// Every `interval`, asks the cluster for its members and makes them the member set:

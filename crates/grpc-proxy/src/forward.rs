@@ -18,6 +18,7 @@ use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use tokio::sync::oneshot;
 
+use crate::body::ClientBody;
 use crate::cluster::Cluster;
 use crate::limits::MessageLimit;
 use crate::resume::{self, Stream};
@@ -108,7 +109,7 @@ pub async fn handle(
     rewriter: Option<&Arc<Rewriter>>,
     cluster: &Cluster,
     limits: Limits,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     match (route(req.uri().path(), rewriter.is_some()), rewriter) {
         (Handler::Resume(stream), rw) => {
@@ -164,7 +165,7 @@ fn is_read(path: &str) -> bool {
 /// Reads a client's whole request body (a unary call: one message), its size checked against
 /// `limits`; the answer to give the client when it cannot be read.
 pub(crate) async fn collect_request(
-    body: Incoming,
+    body: ClientBody,
     limits: Limits,
 ) -> Result<Bytes, Response<ResponseBody>> {
     // The scanner refuses a message over a limit as soon as its prefix arrives; `Limited`
@@ -203,21 +204,35 @@ const READ_ATTEMPTS: usize = 3;
 async fn send_read(
     upstream: &Upstream,
     limits: Limits,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
     let body = match collect_request(body, limits).await {
         Ok(body) => body,
         Err(refusal) => return refusal,
     };
+    match send_buffered_read(upstream, &parts, body).await {
+        Ok(resp) => resp.map(|inner| ResponseBody::upstream(inner, limits)),
+        Err(refusal) => refusal,
+    }
+}
+
+/// [`send_read`] of a request already read whole (`body`, sent with the head `parts`):
+/// etcd's answer head, its body still to read, or the answer to give the client when no
+/// member answered.
+pub(crate) async fn send_buffered_read(
+    upstream: &Upstream,
+    parts: &hyper::http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Incoming>, Response<ResponseBody>> {
     let mut avoid: Option<String> = None;
     for attempt in 1..=READ_ATTEMPTS {
-        let req = crate::resume::rebuild(&parts, RequestBody::Buffered(Some(body.clone())));
+        let req = crate::resume::rebuild(parts, RequestBody::Buffered(Some(body.clone())));
         match upstream.send_stream(req, avoid.as_deref()).await {
             Ok((resp, member)) => {
                 let refused = crate::resume::grpc_status(resp.headers()) == Some(UNAVAILABLE);
                 if !refused || attempt == READ_ATTEMPTS {
-                    return resp.map(|inner| ResponseBody::upstream(inner, limits));
+                    return Ok(resp);
                 }
                 tracing::debug!(
                     member = member.name(),
@@ -232,11 +247,14 @@ async fn send_read(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot forward a gRPC call");
-                return status_response(UNAVAILABLE, &e.to_string());
+                return Err(status_response(UNAVAILABLE, &e.to_string()));
             }
         }
     }
-    status_response(UNAVAILABLE, "no etcd member answered the read")
+    Err(status_response(
+        UNAVAILABLE,
+        "no etcd member answered the read",
+    ))
 }
 
 /// Sends `req` to a member and relays its answer as is (its messages checked against
@@ -368,12 +386,32 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
+            // A whole body without trailers (the HTTP/JSON API's answers): its length is known,
+            // so HTTP/1.1 clients get a Content-Length as from etcd.
+            ResponseBody::Local {
+                message,
+                trailers: None,
+            } => SizeHint::with_exact(message.as_ref().map_or(0, |m| m.len() as u64)),
             ResponseBody::Rewritten(_) | ResponseBody::Channel(_) | ResponseBody::Local { .. } => {
                 SizeHint::default()
             }
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
+}
+
+/// A whole gRPC answer made by the proxy: one framed message, then OK trailers.
+pub(crate) fn local_response(message: &[u8]) -> Response<ResponseBody> {
+    let mut framed = bytes::BytesMut::new();
+    rewrite::encode_frame(message, &mut framed);
+    let mut response = Response::new(ResponseBody::Local {
+        message: Some(framed.freeze()),
+        trailers: Some(status_headers(0, "")),
+    });
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
 }
 
 /// A trailers-only gRPC response (HTTP 200, status in the headers, no body), as gRPC servers

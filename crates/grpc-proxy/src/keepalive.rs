@@ -30,12 +30,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use etcd_api::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, Uri};
 use prost::Message;
 use tokio::sync::mpsc;
 
+use crate::body::ClientBody;
 use crate::forward::{ResponseBody, status_headers};
 use crate::metrics::STREAMS;
 use crate::resume::{Client, ClientEvent, GIVE_UP_AFTER, grpc_status};
@@ -107,7 +108,7 @@ impl KeepAlives {
     }
 
     /// Serves one client's `LeaseKeepAlive` call.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let identity: Identity = ["token", "authorization"]
             .into_iter()
             .filter_map(|name| Some((name, req.headers().get(name)?.clone())))

@@ -12,18 +12,19 @@
 //! of: those with no key (a lease just granted) or with a key inside the namespace. A lease
 //! whose keys all lie outside belongs to someone else and is left out.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
+
 use hyper::{Request, Response};
 use prost::Message;
 
 use etcd_api::etcdserverpb::LeaseRevokeRequest;
 
+use crate::body::ClientBody;
 use crate::cluster::Cluster;
-use crate::forward::{PERMISSION_DENIED, ResponseBody, send, status_headers, status_response};
-use crate::rewrite::{Decoder, RequestBody, Rewriter, Status, encode_frame};
+use crate::forward::{PERMISSION_DENIED, ResponseBody, send, status_response};
+use crate::rewrite::{Decoder, RequestBody, Rewriter, Status};
 use crate::upstream::Upstream;
 
 /// gRPC path of the guarded call.
@@ -47,7 +48,7 @@ pub async fn guard_revoke(
     upstream: &Upstream,
     cluster: &Cluster,
     rewriter: &Rewriter,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
     let max = rewriter.limits().request;
@@ -106,7 +107,7 @@ pub async fn guard_revoke(
 pub async fn filter_leases(
     cluster: &Cluster,
     rewriter: &Rewriter,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let headers = req.headers().clone();
     let mut resp = match cluster.lease_leases(&headers).await {
@@ -131,17 +132,7 @@ pub async fn filter_leases(
         }
     }
     resp.leases.retain(|l| !hidden.contains(&l.id));
-    let mut framed = BytesMut::new();
-    encode_frame(&resp.encode_to_vec(), &mut framed);
-    let mut response = Response::new(ResponseBody::Local {
-        message: Some(framed.freeze()),
-        trailers: Some(status_headers(0, "")),
-    });
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/grpc"),
-    );
-    response
+    crate::forward::local_response(&resp.encode_to_vec())
 }
 
 /// The keys of lease `id`, with the ID.

@@ -48,13 +48,13 @@ use etcd_api::etcdserverpb::watch_request::RequestUnion;
 use etcd_api::etcdserverpb::{
     Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest,
     RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest,
+    WatchRequest,
 };
 use etcd_api::mvccpb::{Event, KeyValue, event::EventType};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+
+use hyper::header::HeaderMap;
 use hyper::{Request, Response};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -62,10 +62,12 @@ use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
+use crate::body::ClientBody;
 use crate::cluster::Cluster;
-use crate::forward::{ResponseBody, status_headers, status_response};
+use crate::forward::{ResponseBody, local_response, status_response};
+use crate::keyspace::KeyspaceWatch;
 use crate::namespace::{Namespace, prefix_end};
-use crate::rewrite::{Decoder, Limits, Status, encode_frame};
+use crate::rewrite::{Decoder, Limits, Status};
 
 /// The value a writer puts in a leasing key to ask its owner to give it up.
 const REVOKE: &[u8] = b"REVOKE";
@@ -91,7 +93,6 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How often the watch asks for a progress report, and how long it may stay silent before it
 /// is set up again (on another member when this one fails its probe).
 const WATCH_PROGRESS_PERIOD: Duration = Duration::from_secs(2);
-const WATCH_SILENCE: Duration = Duration::from_secs(6);
 
 /// gRPC codes made here.
 const INTERNAL: u16 = 13;
@@ -438,7 +439,7 @@ impl Leasing {
     // ---- calls from clients -----------------------------------------------------------------
 
     /// Serves a KV call ([`serves`]).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let (parts, body) = req.into_parts();
         let max = self.limits.request;
         let body = match Limited::new(body, max + 5).collect().await {
@@ -1111,67 +1112,24 @@ impl Leasing {
             }
         }
         let from = scan.header.map_or(0, |h| h.revision) + 1;
-        let Some(ch) = self.cluster.channels().into_iter().next() else {
-            return "no etcd member is configured".into();
+        let mut watch = match KeyspaceWatch::open(
+            &self.cluster,
+            self.limits,
+            self.watched_range(),
+            from,
+            WATCH_PROGRESS_PERIOD,
+            None,
+        )
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => return e,
         };
-        let (key, range_end) = self.watched_range();
-        let create = WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key,
-                range_end,
-                start_revision: from,
-                progress_notify: true,
-                ..Default::default()
-            })),
-        };
-        // Requests go through a channel, so that progress requests can follow the create: a
-        // member that stops answering (stopped, partitioned) is noticed and left.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        if tx.send(create).await.is_err() {
-            return "watch request channel closed".into();
-        }
-        let requests =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let created = tokio::time::timeout(Duration::from_secs(5), async {
-            WatchClient::new(ch)
-                .max_decoding_message_size(self.limits.decoded_response())
-                .watch(requests)
-                .await
-        })
-        .await;
-        let mut stream = match created {
-            Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(e)) => return format!("cannot watch: {e}"),
-            Err(_) => return "watch not created in time".into(),
-        };
-        let mut ticker = tokio::time::interval(WATCH_PROGRESS_PERIOD);
-        let mut last_heard = Instant::now();
         loop {
-            let msg = tokio::select! {
-                msg = stream.next() => msg,
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > WATCH_SILENCE {
-                        return "etcd member stopped answering the watch".into();
-                    }
-                    if self.state().lease != lease {
-                        return "session changed".into();
-                    }
-                    let progress = WatchRequest {
-                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                    };
-                    let _ = tx.try_send(progress);
-                    continue;
-                }
+            let resp = match watch.next().await {
+                Ok(r) => r,
+                Err(e) => return e,
             };
-            last_heard = Instant::now();
-            let resp = match msg {
-                Some(Ok(r)) => r,
-                None => return "watch stream ended".into(),
-                Some(Err(e)) => return format!("watch failed: {e}"),
-            };
-            if resp.canceled || resp.compact_revision != 0 {
-                return format!("watch canceled: {}", resp.cancel_reason);
-            }
             let releases = {
                 let mut st = self.state();
                 if st.lease != lease {
@@ -1275,20 +1233,6 @@ fn secs(s: i64) -> Duration {
 fn refused(e: impl Into<Status>) -> Response<ResponseBody> {
     let s: Status = e.into();
     status_response(s.code, &s.message)
-}
-
-/// A whole gRPC answer made here: one framed message, then OK trailers.
-fn local_response(message: &[u8]) -> Response<ResponseBody> {
-    let mut framed = BytesMut::new();
-    encode_frame(message, &mut framed);
-    let mut response = Response::new(ResponseBody::Local {
-        message: Some(framed.freeze()),
-        trailers: Some(status_headers(0, "")),
-    });
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    response
 }
 
 #[cfg(test)]

@@ -14,9 +14,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod body;
+pub mod cache;
 pub mod cluster;
 pub mod forward;
 pub mod keepalive;
+mod keyspace;
 pub mod lease;
 pub mod leasing;
 pub mod limits;
@@ -47,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::body::ClientBody;
 use crate::metrics::{Counted, Metrics};
 use crate::upstream::Upstream;
 
@@ -109,6 +113,9 @@ pub struct Config {
     /// `--experimental-leasing-prefix`: serve owned keys' linearizable reads from memory, with
     /// etcd's leasing protocol under this prefix ([`leasing`]); `None` for none.
     pub leasing_prefix: Option<bytes::Bytes>,
+    /// The range cache's bounds (`--range-cache-max-entries`, `--range-cache-max-bytes`);
+    /// `None` turns it off (`--disable-range-cache`) ([`cache`]).
+    pub range_cache: Option<cache::CacheLimits>,
 }
 
 impl Config {
@@ -136,6 +143,7 @@ impl Config {
             pprof: false,
             serializable_ordering: false,
             leasing_prefix: None,
+            range_cache: Some(cache::CacheLimits::default()),
         }
     }
 }
@@ -174,6 +182,8 @@ struct State {
     leasing: Option<Arc<leasing::Leasing>>,
     /// Serves every client's `LeaseKeepAlive` over shared upstream streams.
     keepalives: keepalive::KeepAlives,
+    /// Serves serializable Ranges from memory; `None` with `--disable-range-cache`.
+    cache: Option<Arc<cache::RangeCache>>,
     /// Serves every client's `Watch` over shared upstream watchers.
     watches: watch::Watches,
 }
@@ -196,8 +206,21 @@ pub async fn serve_with_metrics(
         let leasing = leasing::Leasing::new(prefix, ns, cluster.clone(), config.limits);
         (leasing.clone(), leasing.start(stop_upstream.child_token()))
     });
+    let metrics = Arc::new(Metrics::new());
+    let cache = config.range_cache.map(|limits| {
+        cache::RangeCache::new(
+            limits,
+            config.limits,
+            config.namespace.clone(),
+            cluster.clone(),
+            upstream.clone(),
+            metrics.cache.clone(),
+            stop_upstream.child_token(),
+        )
+    });
     let state = Arc::new(State {
         rewriter,
+        cache,
         member_list: cluster.answers_member_list().then(|| cluster.clone()),
         cluster: cluster.clone(),
         limits: config.limits,
@@ -213,7 +236,7 @@ pub async fn serve_with_metrics(
         ),
         admin: Admin {
             upstream,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             self_addr: dialable(&listener),
             dial_timeout: config.dial_timeout,
             cluster_check: admin::CheckGate::default(),
@@ -308,39 +331,62 @@ fn dialable(listener: &TcpListener) -> SocketAddr {
 /// The response body of either side of the port.
 type Body = Either<Counted<forward::ResponseBody>, admin::HttpBody>;
 
+/// Serves one gRPC call (from a client connection, or made by the HTTP/JSON API).
+async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::ResponseBody> {
+    match &state.member_list {
+        Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
+            cluster.member_list(req).await
+        }
+        _ if let Some(leasing) = &state.leasing
+            && leasing::serves(req.uri().path()) =>
+        {
+            leasing.handle(req).await
+        }
+        _ if req.uri().path() == keepalive::PATH => state.keepalives.handle(req).await,
+        _ if req.uri().path() == watch::PATH => state.watches.handle(req).await,
+        _ if state.ordering.applies(req.uri().path()) => {
+            let rewriter = state.rewriter.as_ref();
+            let upstream = &state.admin.upstream;
+            state
+                .ordering
+                .handle(upstream, rewriter, state.limits, req)
+                .await
+        }
+        // After leasing and ordering: with either flag, they serve the KV calls.
+        _ if let Some(cache) = &state.cache
+            && req.uri().path() == cache::RANGE_PATH =>
+        {
+            cache.handle(req).await
+        }
+        _ if let Some(cache) = &state.cache
+            && req.uri().path() == cache::AUTH_ENABLE_PATH =>
+        {
+            let forwarded = forward::handle(
+                &state.admin.upstream,
+                state.rewriter.as_ref(),
+                &state.cluster,
+                state.limits,
+                req,
+            );
+            cache.auth_enable(forwarded).await
+        }
+        _ => {
+            forward::handle(
+                &state.admin.upstream,
+                state.rewriter.as_ref(),
+                &state.cluster,
+                state.limits,
+                req,
+            )
+            .await
+        }
+    }
+}
+
 async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Body> {
     if port == Port::Main && admin::is_grpc(&req) {
         let tracker = state.admin.metrics.start_call(req.uri().path());
-        let resp = match &state.member_list {
-            Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
-                cluster.member_list(req).await
-            }
-            _ if let Some(leasing) = &state.leasing
-                && leasing::serves(req.uri().path()) =>
-            {
-                leasing.handle(req).await
-            }
-            _ if req.uri().path() == keepalive::PATH => state.keepalives.handle(req).await,
-            _ if req.uri().path() == watch::PATH => state.watches.handle(req).await,
-            _ if state.ordering.applies(req.uri().path()) => {
-                let rewriter = state.rewriter.as_ref();
-                let upstream = &state.admin.upstream;
-                state
-                    .ordering
-                    .handle(upstream, rewriter, state.limits, req)
-                    .await
-            }
-            _ => {
-                forward::handle(
-                    &state.admin.upstream,
-                    state.rewriter.as_ref(),
-                    &state.cluster,
-                    state.limits,
-                    req,
-                )
-                .await
-            }
-        };
+        let resp = grpc(state, req.map(ClientBody::from)).await;
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);
         Response::from_parts(parts, Either::Left(body))

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub health_success: IntCounter,
     /// `/health` checks that did not (`etcd_server_health_failures`).
     pub health_failures: IntCounter,
+    /// The range cache's metrics ([`crate::cache`]).
+    pub cache: crate::cache::CacheMetrics,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -214,7 +216,33 @@ impl Metrics {
             )
             .expect("static metric definition"),
         );
-        // The cache metrics are left out until there is a cache.
+        // etcd's names; hits and misses count serializable reads the cache could serve only.
+        let cache = crate::cache::CacheMetrics {
+            keys: register(
+                &registry,
+                IntGauge::new(
+                    "etcd_grpc_proxy_cache_keys_total",
+                    "Total number of keys/ranges cached",
+                )
+                .expect("static metric definition"),
+            ),
+            hits: register(
+                &registry,
+                IntCounter::new(
+                    "etcd_grpc_proxy_cache_hits_total",
+                    "Total number of cache hits",
+                )
+                .expect("static metric definition"),
+            ),
+            misses: register(
+                &registry,
+                IntCounter::new(
+                    "etcd_grpc_proxy_cache_misses_total",
+                    "Total number of cache misses",
+                )
+                .expect("static metric definition"),
+            ),
+        };
         for c in STREAMS.collectors() {
             let _ = registry.register(c);
         }
@@ -223,6 +251,7 @@ impl Metrics {
             methods,
             health_success,
             health_failures,
+            cache,
         }
     }
 

@@ -36,6 +36,7 @@ use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use prost::Message;
 
+use crate::body::ClientBody;
 use crate::forward::{ResponseBody, status_headers, status_response};
 use crate::limits::MessageLimit;
 use crate::namespace::Namespace;
@@ -147,7 +148,7 @@ impl Ordering {
         upstream: &Upstream,
         rewriter: Option<&Arc<Rewriter>>,
         limits: Limits,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Response<ResponseBody> {
         let Some(call) = Call::from_path(req.uri().path()) else {
             return status_response(INTERNAL, "etcd-proxy: not a KV call");
@@ -392,7 +393,7 @@ impl Plan {
 }
 
 /// The one message of a unary request body.
-fn single_message(body: &Bytes, limits: Limits) -> Result<Bytes, Status> {
+pub(crate) fn single_message(body: &Bytes, limits: Limits) -> Result<Bytes, Status> {
     let mut decoder = Decoder::new(limits.request);
     decoder.push(body);
     let message = decoder.next_message()?;

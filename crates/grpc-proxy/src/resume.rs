@@ -37,13 +37,14 @@ use etcd_api::etcdserverpb::{
 };
 use etcd_api::v3electionpb::{LeaderRequest, LeaderResponse};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{CONTENT_LENGTH, HeaderMap};
 use hyper::http::request::Parts;
 use hyper::{Request, Response};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::body::ClientBody;
 use crate::forward::{ResponseBody, status_headers, status_response};
 use crate::namespace::{Namespace, OutsideNamespace};
 use crate::rewrite::{Decoder, GRPC_ACCEPT_ENCODING, Limits, RequestBody, encode_message};
@@ -105,7 +106,7 @@ pub async fn handle(
     namespace: Option<Namespace>,
     limits: Limits,
     stream: Stream,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     match stream {
         Stream::Watch => start(upstream, namespace, limits, Watch::default(), req).await,
@@ -149,7 +150,7 @@ async fn start<P: Policy>(
     namespace: Option<Namespace>,
     limits: Limits,
     policy: P,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = req.into_parts();
     // Lengths change; and etcd must not compress what we have to read.
@@ -184,7 +185,7 @@ pub(crate) enum ClientEvent<R> {
 /// Where a client's request messages come from.
 enum Source {
     /// A gRPC call's request body.
-    Call(Incoming),
+    Call(ClientBody),
     /// Framed messages from a task of the proxy ([`watch_session`]).
     Local(mpsc::UnboundedReceiver<Bytes>),
 }
@@ -200,7 +201,7 @@ pub(crate) struct Client {
 
 impl Client {
     /// The request stream of a call, its messages checked against `limits`.
-    pub(crate) fn new(body: Incoming, limits: Limits) -> Client {
+    pub(crate) fn new(body: ClientBody, limits: Limits) -> Client {
         Client {
             source: Source::Call(body),
             decoder: Decoder::new(limits.request),

@@ -33,6 +33,7 @@ use hyper::{Request, Response};
 use prost::Message;
 use tokio::sync::oneshot;
 
+use crate::body::ClientBody;
 use crate::forward::{ResponseBody, status_headers, status_response};
 use crate::limits::{Direction as LimitSide, MessageLimit, TooLarge};
 use crate::namespace::{Namespace, OutsideNamespace, Refusal};
@@ -531,7 +532,7 @@ pub enum RequestBody {
     /// The client's body, relayed frame by frame, its message sizes checked on the way.
     Client {
         /// The client's body.
-        inner: Incoming,
+        inner: ClientBody,
         /// Follows the message prefixes.
         scan: MessageLimit,
         /// The limits the scanner enforces, for the refusal's text.
@@ -554,7 +555,7 @@ impl RequestBody {
     /// The client's body forwarded as bytes, its message sizes checked against `limits`; a
     /// message over a limit ends it, and its status is sent to `refusal`.
     pub fn client(
-        inner: Incoming,
+        inner: ClientBody,
         limits: Limits,
         refusal: Option<oneshot::Sender<Status>>,
     ) -> RequestBody {
@@ -625,7 +626,7 @@ impl Body for RequestBody {
 /// with an error (so etcd's side of the call is reset) and hands the status to the response.
 #[derive(Debug)]
 pub struct RequestStream {
-    inner: Incoming,
+    inner: ClientBody,
     transform: Transform,
     refusal: Option<oneshot::Sender<Status>>,
     done: bool,
@@ -783,7 +784,7 @@ pub async fn handle(
     upstream: &Upstream,
     rewriter: &Arc<Rewriter>,
     method: Method,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = req.into_parts();
     // Lengths change; and etcd must not compress what we have to read.

@@ -313,6 +313,16 @@ impl Upstream {
             .collect()
     }
 
+    /// The member at `ep`, as a [`Serving`] whose [`Serving::failed`] a stream the proxy opened
+    /// there itself (over its own channel) can wait on; `None` if it is not a member.
+    pub fn serving(&self, ep: &Endpoint) -> Option<Serving> {
+        let set = self.snapshot();
+        let member = set.members.iter().find(|m| &m.endpoint == ep)?;
+        Some(Serving {
+            member: member.clone(),
+        })
+    }
+
     /// Sends `req` to the next member that can take it, and returns etcd's response head (its
     /// body and trailers stream on). A call refused by a connection before anything was sent
     /// moves on to the next member; when no member is connected, waits up to

@@ -416,3 +416,57 @@ pub fn proxy_metric(addr: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /proxy/metrics:\n{text}"))
 }
+
+/// `curl -s <args> url` (bounded at 20 s): the status code and the body.
+pub fn curl(args: &[&str], url: &str) -> (u16, String) {
+    let run = || {
+        std::process::Command::new("curl")
+            .args(["-s", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .arg(url)
+            .output()
+            .expect("run curl")
+    };
+    let out = match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(run),
+        Err(_) => run(),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("curl {url}: {text:?}"));
+    (
+        code.parse()
+            .unwrap_or_else(|_| panic!("curl {url}: status {code:?}")),
+        body.to_string(),
+    )
+}
+
+/// Creates `root` (password `rootpw`, role root) and each user `(name, password, permission,
+/// prefix)` with a role of its own granting `permission` (`read`, `write`, `readwrite`) on keys
+/// under `prefix`, then enables auth; all with etcdctl, directly on the cluster.
+pub fn enable_auth(cluster: &testkit::Cluster, users: &[(&str, &str, &str, &str)]) {
+    for args in [
+        &["role", "add", "root"][..],
+        &["user", "add", "root:rootpw"],
+        &["user", "grant-role", "root", "root"],
+    ] {
+        ok(cluster.etcdctl(args));
+    }
+    for (name, password, perm, prefix) in users {
+        let role = format!("{name}-role");
+        let user = format!("{name}:{password}");
+        ok(cluster.etcdctl(&["role", "add", &role]));
+        ok(cluster.etcdctl(&[
+            "role",
+            "grant-permission",
+            &role,
+            perm,
+            prefix,
+            "--prefix=true",
+        ]));
+        ok(cluster.etcdctl(&["user", "add", &user]));
+        ok(cluster.etcdctl(&["user", "grant-role", name, &role]));
+    }
+    ok(cluster.etcdctl(&["auth", "enable"]));
+}

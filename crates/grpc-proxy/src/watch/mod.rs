@@ -41,11 +41,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::body::ClientBody;
 use crate::cluster::Cluster;
 use crate::forward::ResponseBody;
 use crate::namespace::Namespace;
@@ -130,7 +130,7 @@ impl Watches {
     }
 
     /// Serves one client's `Watch` call.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let identity: Identity = IDENTITY_HEADERS
             .into_iter()
             .filter_map(|name| Some((name, req.headers().get(name)?.clone())))
