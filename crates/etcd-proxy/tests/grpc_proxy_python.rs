@@ -1,7 +1,9 @@
-//! A real Python etcd v3 client through `etcd-proxy grpc-proxy start`, on a real 3-member etcd
+//! Real Python etcd v3 clients through `etcd-proxy grpc-proxy start`, on a real 3-member etcd
 //! cluster: `tests/python/client_through_proxy.py` (aetcd, i.e. grpcio's asyncio stack, not Go's
-//! or tonic's) does KV, txn, leases, watch, lock and error checks through the proxy, checking
-//! against direct reads and writes on a member.
+//! or tonic's) does KV, txn, leases, watch, lock and error checks through the proxy, and
+//! `tests/python/http_client_through_proxy.py` (etcd3gw, a client of etcd's HTTP/JSON gateway)
+//! does KV, transactions, watch and leases through the proxy's HTTP/JSON API; both check against
+//! direct reads and writes on a member.
 //!
 //! The client lives in the `.venv-tests` venv that `scripts/install-deps.sh` creates with pinned
 //! versions; without it the test fails (it does not skip) and says so.
@@ -39,15 +41,17 @@ fn venv_python() -> PathBuf {
     python
 }
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/client_through_proxy.py")
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
 }
 
-/// Runs the script with `target` as the address it talks to and `direct` as the member it checks
+/// Runs the script `name` with `target` as the address it talks to and `direct` as the member it checks
 /// against; returns its output, or panics (killing it) after `SCRIPT_TIMEOUT`.
-async fn run_script(python: &PathBuf, target: &str, direct: &str) -> Output {
+async fn run_script(python: &PathBuf, name: &str, target: &str, direct: &str) -> Output {
     let child = tokio::process::Command::new(python)
-        .arg(script())
+        .arg(script(name))
         .args([target, direct])
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
@@ -74,19 +78,18 @@ fn show(out: &Output) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn python_etcd_client_through_the_grpc_proxy() {
+/// Runs `name` against etcd itself (the baseline: if that fails, the client or the environment
+/// is broken, not the proxy), then through a proxy; the proxy's run must pass too.
+async fn baseline_then_proxy(name: &str) {
     let python = venv_python();
     let cluster = Cluster::start(3).await;
     let direct = cluster.client_endpoints()[0].clone();
 
-    // Baseline: the same script against etcd itself. If this fails, the client or the test
-    // environment is broken, not the proxy.
     let started = Instant::now();
-    let baseline = run_script(&python, &direct, &direct).await;
+    let baseline = run_script(&python, name, &direct, &direct).await;
     assert!(
         baseline.status.success(),
-        "the Python client fails against etcd itself ({direct}), so the proxy is not the cause:\n{}",
+        "{name} fails against etcd itself ({direct}), so the proxy is not the cause:\n{}",
         show(&baseline)
     );
     println!(
@@ -97,10 +100,10 @@ async fn python_etcd_client_through_the_grpc_proxy() {
 
     let (proxy, addr) = start_grpc_proxy(&cluster, &[]);
     let started = Instant::now();
-    let out = run_script(&python, &addr, &direct).await;
+    let out = run_script(&python, name, &addr, &direct).await;
     assert!(
         out.status.success(),
-        "the Python client fails through the proxy ({addr}) but passes against etcd directly:\n{}\n\
+        "{name} fails through the proxy ({addr}) but passes against etcd directly:\n{}\n\
          --- proxy log:\n{}",
         show(&out),
         proxy.log()
@@ -108,4 +111,15 @@ async fn python_etcd_client_through_the_grpc_proxy() {
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(summary.starts_with("ok: "), "{}", show(&out));
     println!("proxy ({:.1?}): {}", started.elapsed(), summary.trim());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_etcd_client_through_the_grpc_proxy() {
+    baseline_then_proxy("client_through_proxy.py").await;
+}
+
+/// etcd3gw talks to etcd's HTTP/JSON gateway; through the proxy it gets the same API.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_http_client_through_the_proxys_json_api() {
+    baseline_then_proxy("http_client_through_proxy.py").await;
 }

@@ -118,6 +118,7 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
             health.response()
         }
         "/metrics" => from_member(admin, "/metrics", "text/plain; version=0.0.4").await,
+        "/version" => from_member(admin, "/version", "application/json").await,
         "/proxy/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(admin.metrics.render())));
             resp.headers_mut().insert(

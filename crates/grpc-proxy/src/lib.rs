@@ -18,6 +18,7 @@ pub mod body;
 pub mod cache;
 pub mod cluster;
 pub mod forward;
+pub mod http_api;
 pub mod keepalive;
 mod keyspace;
 pub mod lease;
@@ -383,12 +384,26 @@ async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::Resp
     }
 }
 
-async fn route(state: &State, port: Port, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Response<Body> {
     if port == Port::Main && admin::is_grpc(&req) {
         let tracker = state.admin.metrics.start_call(req.uri().path());
         let resp = grpc(state, req.map(ClientBody::from)).await;
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);
+        Response::from_parts(parts, Either::Left(body))
+    } else if port == Port::Main
+        && http_api::serves(req.uri().path())
+        && http_api::is_websocket(&req)
+    {
+        let state = state.clone();
+        let resp = http_api::websocket(req, move |call| async move { grpc(&state, call).await });
+        let (parts, body) = resp.into_parts();
+        let body = Counted::new(body, &parts.headers, None);
+        Response::from_parts(parts, Either::Left(body))
+    } else if port == Port::Main && http_api::serves(req.uri().path()) {
+        let resp = http_api::handle(req, |call| grpc(state, call)).await;
+        let (parts, body) = resp.into_parts();
+        let body = Counted::new(body, &parts.headers, None);
         Response::from_parts(parts, Either::Left(body))
     } else if port == Port::Main
         && let Some(profiler) = &state.profiler
@@ -440,7 +455,7 @@ async fn accept_loop(
                 let state = state.clone();
                 Box::pin(async move { Ok::<_, Infallible>(route(&state, port, req).await) })
             });
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
