@@ -28,6 +28,9 @@ use crate::rewrite::encode_message;
 /// larger than this in pieces, as etcd's watch server cuts them.
 const FRAGMENT_BYTES: usize = 1536 * 1024;
 
+/// Pending response bytes are handed to the connection once they reach this.
+const FLUSH_BYTES: usize = 64 << 10;
+
 /// etcd's answers to creates it refuses.
 const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
@@ -179,9 +182,10 @@ fn fragments(resp: WatchResponse, max: usize) -> Vec<WatchResponse> {
     }
 }
 
-/// A framed `WatchResponse` made of `header`, `watch_id` and already encoded `events`, as two
-/// pieces so the events are not copied.
-fn frame_shared(header: Option<&ResponseHeader>, wid: i64, events: &Bytes) -> [Bytes; 2] {
+/// Writes a framed `WatchResponse` made of `header`, `watch_id` and already encoded `events`
+/// (repeated field entries, which concatenate: several shared responses of one watcher become one
+/// response of several revisions, as etcd sends a watcher that is behind).
+fn write_shared(out: &mut BytesMut, header: Option<&ResponseHeader>, wid: i64, events: &[Bytes]) {
     let mut head = BytesMut::new();
     if let Some(h) = header {
         prost::encoding::message::encode(1, h, &mut head);
@@ -189,12 +193,22 @@ fn frame_shared(header: Option<&ResponseHeader>, wid: i64, events: &Bytes) -> [B
     if wid != 0 {
         prost::encoding::int64::encode(2, &wid, &mut head);
     }
-    let len = head.len() + events.len();
-    let mut framed = BytesMut::with_capacity(5 + head.len());
-    framed.put_u8(0);
-    framed.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    framed.extend_from_slice(&head);
-    [framed.freeze(), events.clone()]
+    let len = head.len() + events.iter().map(Bytes::len).sum::<usize>();
+    out.reserve(5 + len);
+    out.put_u8(0);
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    out.extend_from_slice(&head);
+    for e in events {
+        out.extend_from_slice(e);
+    }
+}
+
+/// A watcher's shared events not yet written, merged into one response.
+struct Merged {
+    wid: i64,
+    /// The header of the newest response merged.
+    header: Option<ResponseHeader>,
+    events: Vec<Bytes>,
 }
 
 /// The text etcd's watch server puts in `cancel_reason` for a gRPC error.
@@ -265,6 +279,13 @@ pub(super) struct ClientStream {
     headers: HeaderMap,
     client: Client,
     out: Out,
+    /// Responses written and not yet handed to the connection: sent as one DATA frame, so a
+    /// burst of small responses is not a flood of small frames (h2 clients close a connection
+    /// that receives too many of those while they fall behind).
+    pending: BytesMut,
+    /// Shared events waiting to be written, per watcher in order of arrival, and their size.
+    merged: Vec<Merged>,
+    merged_bytes: usize,
     watchers: BTreeMap<i64, Watcher>,
     /// The next server-chosen `watch_id` to try, as etcd allocates them.
     next_id: i64,
@@ -290,6 +311,9 @@ impl ClientStream {
             headers,
             client,
             out: Out::Waiting(head),
+            pending: BytesMut::new(),
+            merged: Vec::new(),
+            merged_bytes: 0,
             watchers: BTreeMap::new(),
             next_id: 0,
             last_header: None,
@@ -312,24 +336,35 @@ impl ClientStream {
             tokio::select! {
                 ev = self.client.next::<WatchRequest>(), if !self.client.done => match ev {
                     ClientEvent::Message(m) => {
-                        if !self.on_request(m).await {
+                        if !self.on_request(m).await || !self.flush().await {
                             break;
                         }
                     }
                     // etcd goes on sending after a half-close.
                     ClientEvent::End => {}
                     ClientEvent::Bad(code, message) => {
+                        self.flush().await;
                         self.out.send(Frame::trailers(status_headers(code, &message))).await;
                         break;
                     }
                     ClientEvent::Gone => break,
                 },
                 d = rx.recv() => {
-                    let Some(d) = d else { break };
-                    let cost = d.cost();
-                    let go_on = self.on_dispatch(d).await;
-                    queued.fetch_sub(cost, Ordering::AcqRel);
-                    if !go_on {
+                    let Some(mut d) = d else { break };
+                    // Everything already queued goes out together, up to FLUSH_BYTES.
+                    let go_on = loop {
+                        let cost = d.cost();
+                        let go_on = self.on_dispatch(d).await;
+                        queued.fetch_sub(cost, Ordering::AcqRel);
+                        if !go_on || self.pending.len() + self.merged_bytes >= FLUSH_BYTES {
+                            break go_on;
+                        }
+                        match rx.try_recv() {
+                            Ok(next) => d = next,
+                            Err(_) => break true,
+                        }
+                    };
+                    if !go_on || !self.flush().await {
                         break;
                     }
                 }
@@ -339,10 +374,45 @@ impl ClientStream {
         self.to_hub(ToHub::Leave { cid: self.cid });
     }
 
+    /// Writes `resp` after the responses pending; they go out at the next flush (at once
+    /// when they pass FLUSH_BYTES). False once the client is gone.
     async fn send(&mut self, resp: &WatchResponse) -> bool {
-        let mut framed = BytesMut::new();
-        encode_message(resp, &mut framed);
-        self.out.send(Frame::data(framed.freeze())).await
+        self.write_merged();
+        encode_message(resp, &mut self.pending);
+        self.pending.len() < FLUSH_BYTES || self.flush().await
+    }
+
+    /// Keeps a shared response's events for watcher `wid`, merged with its others of this batch.
+    fn merge(&mut self, wid: i64, header: Option<ResponseHeader>, events: &Bytes) {
+        self.merged_bytes += events.len() + 32;
+        if let Some(m) = self.merged.iter_mut().rev().find(|m| m.wid == wid) {
+            m.header = header;
+            m.events.push(events.clone());
+            return;
+        }
+        self.merged.push(Merged {
+            wid,
+            header,
+            events: vec![events.clone()],
+        });
+    }
+
+    /// Writes the merged shared events, one response per watcher.
+    fn write_merged(&mut self) {
+        for m in std::mem::take(&mut self.merged) {
+            write_shared(&mut self.pending, m.header.as_ref(), m.wid, &m.events);
+        }
+        self.merged_bytes = 0;
+    }
+
+    /// Hands the pending responses to the connection, as one DATA frame.
+    async fn flush(&mut self) -> bool {
+        self.write_merged();
+        if self.pending.is_empty() {
+            return true;
+        }
+        let data = self.pending.split().freeze();
+        self.out.send(Frame::data(data)).await
     }
 
     fn seen(&mut self, header: &Option<ResponseHeader>) {
@@ -499,16 +569,9 @@ impl ClientStream {
                     let sent = match view(w, wid, &shared) {
                         View::Nothing => true,
                         View::Shared => {
-                            let pieces = frame_shared(
-                                shared.resp.header.as_ref(),
-                                wid,
-                                shared.events(prev_kv),
-                            );
-                            let mut ok = true;
-                            for p in pieces {
-                                ok = ok && self.out.send(Frame::data(p)).await;
-                            }
-                            ok
+                            let header = shared.resp.header;
+                            self.merge(wid, header, shared.events(prev_kv));
+                            true
                         }
                         View::Own(resps) => {
                             let mut ok = true;
@@ -555,6 +618,7 @@ impl ClientStream {
                 .await
             }
             Dispatch::End(status) => {
+                self.flush().await;
                 self.out.send(Frame::trailers(status)).await;
                 false
             }
@@ -718,18 +782,28 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_frame_decodes_as_the_watchers_response() {
-        let s = shared(&[(3, true), (4, false)]);
+    fn merged_shared_responses_decode_as_one_response_of_several_revisions() {
+        let first = shared(&[(3, true), (4, false)]);
+        let second = shared(&[(5, true)]);
         for prev_kv in [true, false] {
-            let [head, events] = frame_shared(s.resp.header.as_ref(), 42, s.events(prev_kv));
-            let mut framed = BytesMut::from(&head[..]);
-            framed.extend_from_slice(&events);
+            let mut framed = BytesMut::new();
+            write_shared(
+                &mut framed,
+                second.resp.header.as_ref(),
+                42,
+                &[
+                    first.events(prev_kv).clone(),
+                    second.events(prev_kv).clone(),
+                ],
+            );
             assert_eq!(framed[0], 0, "not compressed");
             let len = u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize;
             assert_eq!(len, framed.len() - 5);
             let got = WatchResponse::decode(&framed[5..]).expect("decode");
-            let mut want = s.resp.clone();
+            let mut want = second.resp.clone();
             want.watch_id = 42;
+            want.events = first.resp.events.clone();
+            want.events.extend(second.resp.events.clone());
             if !prev_kv {
                 want.events.iter_mut().for_each(|e| e.prev_kv = None);
             }
