@@ -10,8 +10,9 @@
 # from /proc/PID/stat) and its RSS (VmRSS) after the run. Prints every run, then a table with medians
 # over the rounds and the ratios ours / etcd's. Every process it starts is stopped on exit.
 #
-# Workloads: put; range-s (serializable range of one key: etcd's proxy answers those from its cache,
-# ours forwards them, so it is not like for like); range-l (linearizable range: both forward it).
+# Workloads: put; range-s (serializable range of one key: both proxies answer those from their
+# caches, etcd's without seeing other writers, ours kept coherent by a watch); range-l (linearizable
+# range: both forward it).
 #
 # Usage: scripts/bench-grpc-proxy.sh [--quick] [--rounds N] [--total N] [--conns N] [--clients N]
 #                                    [--no-build] [--raw FILE]
@@ -50,6 +51,6 @@ declare -A port_of=([direct]="$ep" [etcd-grpc-proxy]="$etcd_px_port" [etcd-proxy
 declare -A pid_of=([direct]="" [etcd-grpc-proxy]="$etcd_px_pid" [etcd-proxy]="$ours_pid")
 theirs=etcd-grpc-proxy
 tag=px
-note="; range-s is served from etcd's proxy cache, not like for like"
+note="; range-s is served from both proxies' caches"
 workloads=(put range-s range-l)
 run_comparison

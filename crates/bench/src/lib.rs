@@ -1,5 +1,6 @@
 //! An etcd v3 load generator, in the spirit of etcd's `tools/benchmark`: many concurrent gRPC
-//! puts or ranges over a few HTTP/2 connections, and a report of throughput and latency.
+//! puts or ranges over a few HTTP/2 connections, or many watchers of one key receiving a series of
+//! puts (`watch`, [`WatchSummary`]), and a report of throughput and latency.
 //!
 //! It exists so that "faster, cheaper" claims about the proxies are measured, against etcd itself
 //! and against etcd's own gateway and grpc-proxy, with the same client for all of them
@@ -23,6 +24,8 @@
 
 pub mod keys;
 pub mod report;
+mod staleness;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,7 +39,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 pub use keys::KeyGen;
-pub use report::Report;
+pub use report::{Report, WatchSummary};
 
 /// How long a connection may take to establish before the run is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,6 +101,49 @@ pub struct BenchArgs {
     /// Print the report as one line of JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// `staleness` only: where the writes go (etcd itself, not the proxy under test).
+    #[arg(long, value_delimiter = ',', value_name = "strings")]
+    pub write_endpoints: Vec<String>,
+
+    /// `watch` only: watchers opened (all of `--key`, from now).
+    #[arg(long, default_value_t = 2000, value_name = "uint")]
+    pub watchers: usize,
+
+    /// `watch` only: Watch streams the watchers are spread over (streams over `--conns`).
+    #[arg(long, default_value_t = 20, value_name = "uint")]
+    pub streams: usize,
+
+    /// `watch` only: puts written once every watcher is created (each an event for every watcher).
+    #[arg(long, default_value_t = 200, value_name = "uint")]
+    pub events: u64,
+
+    /// `watch` only: the key watched and written.
+    #[arg(long, default_value = "bench-watch", value_name = "string")]
+    pub key: String,
+
+    /// `watch` only: where the puts go, etcd itself (default: the first of `--endpoints`).
+    /// `--clients` puts are in flight at a time.
+    #[arg(long, value_name = "string")]
+    pub put_endpoint: Option<String>,
+
+    /// `watch` only: puts a second at most (0: as fast as `--clients` puts in flight allow).
+    #[arg(long, default_value_t = 0.0, value_name = "float")]
+    pub put_rate: f64,
+
+    /// `watch` only: etcd's metrics (`http://host:port/metrics`), to read its watcher count
+    /// (`etcd_debugging_mvcc_watcher_total`) before, with the watchers created, and after.
+    #[arg(long, value_name = "url")]
+    pub metrics_url: Option<String>,
+
+    /// `watch` only: a process (the proxy) whose CPU time to report for each phase (Linux).
+    #[arg(long, value_name = "pid")]
+    pub cpu_pid: Option<u32>,
+
+    /// `watch` only: seconds allowed for creating every watcher, and for the last delivery after
+    /// the last put; what has not arrived by then is reported missing.
+    #[arg(long, default_value_t = 60, value_name = "secs")]
+    pub timeout: u64,
 }
 
 /// What each request does.
@@ -108,6 +154,13 @@ pub enum Mode {
     Put,
     /// `KV.Range` of one key.
     Range,
+    /// Writes to `--write-endpoints`, each followed by serializable reads through `--endpoints`
+    /// until it shows: the latencies are the delays before a write is visible (a caching
+    /// proxy's staleness).
+    Staleness,
+    /// `--watchers` watchers of one key get `--events` puts written to `--put-endpoint`: deliveries
+    /// per second, and latency from each put's answer to each delivery.
+    Watch,
 }
 
 impl Mode {
@@ -116,6 +169,8 @@ impl Mode {
         match self {
             Mode::Put => "put",
             Mode::Range => "range",
+            Mode::Staleness => "staleness",
+            Mode::Watch => "watch",
         }
     }
 }
@@ -150,6 +205,9 @@ pub enum BenchError {
     /// A put of the range warm-up failed.
     #[error("warm-up put failed: {0}")]
     WarmUp(String),
+    /// A watch run could not be done (watchers not created in time, a put failed).
+    #[error("watch: {0}")]
+    Watch(String),
     /// No request succeeded.
     #[error("all {failed} requests failed; first error: {first}")]
     AllFailed {
@@ -181,7 +239,21 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         ));
     }
     let endpoints = endpoint_urls(&args.endpoints)?;
+    if args.mode == Mode::Watch {
+        return run_watch(args, &endpoints).await;
+    }
     let channels = connect(&endpoints, args.conns).await?;
+    if args.mode == Mode::Staleness {
+        if args.write_endpoints.is_empty() {
+            return Err(BenchError::InvalidArgs(
+                "staleness needs --write-endpoints (etcd itself, not the proxy)".into(),
+            ));
+        }
+        let write = connect(&endpoint_urls(&args.write_endpoints)?, 1).await?;
+        let seen = staleness::run(channels[0].clone(), write[0].clone(), args.total).await;
+        let report = Report::new(args.mode.as_str(), seen.elapsed, seen.delays, seen.errors);
+        return finish(report);
+    }
     let value = keys::value(args.val_size, &mut fastrand::Rng::new());
 
     if args.mode == Mode::Range {
@@ -201,6 +273,37 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         outcome.latencies,
         outcome.errors,
     );
+    finish(report)
+}
+
+/// `watch`: see [`watch`].
+async fn run_watch(args: &BenchArgs, endpoints: &[String]) -> Result<Report, BenchError> {
+    let put_endpoint = match &args.put_endpoint {
+        Some(e) => endpoint_urls(std::slice::from_ref(e))?,
+        None => endpoints[..1].to_vec(),
+    };
+    let plan = watch::Plan {
+        conns: args.conns,
+        watchers: args.watchers,
+        streams: args.streams,
+        events: args.events,
+        key: Bytes::from(args.key.clone()),
+        value: keys::value(args.val_size, &mut fastrand::Rng::new()),
+        puts_in_flight: args.clients,
+        put_rate: args.put_rate,
+        timeout: Duration::from_secs(args.timeout),
+        metrics: args
+            .metrics_url
+            .as_deref()
+            .map(watch::parse_metrics_url)
+            .transpose()?,
+        cpu_pid: args.cpu_pid,
+    };
+    finish(watch::run(&plan, endpoints, &put_endpoint).await?)
+}
+
+/// The report, or the error that every request failed.
+fn finish(report: Report) -> Result<Report, BenchError> {
     if report.succeeded == 0 {
         let first = report
             .error_distribution
@@ -376,7 +479,8 @@ async fn worker(
                 })
                 .await
                 .map(drop),
-            Mode::Range => client
+            // Staleness and watch run elsewhere ([`staleness`], [`watch`]); never here.
+            Mode::Range | Mode::Staleness | Mode::Watch => client
                 .range(RangeRequest {
                     key,
                     serializable: op.serializable,
@@ -456,6 +560,78 @@ mod tests {
         assert!(a.sequential_keys && a.json);
         assert!(Cli::try_parse_from(["bench", "delete"]).is_err());
         assert!(Cli::try_parse_from(["bench", "put", "--consistency=x"]).is_err());
+    }
+
+    #[test]
+    fn watch_flags_and_defaults() {
+        let a = parse(&["watch"]);
+        assert_eq!(a.mode, Mode::Watch);
+        assert_eq!((a.watchers, a.streams, a.events), (2000, 20, 200));
+        assert_eq!(a.key, "bench-watch");
+        assert_eq!((a.timeout, a.put_rate), (60, 0.0));
+        assert_eq!(
+            (a.put_endpoint, a.metrics_url, a.cpu_pid),
+            (None, None, None)
+        );
+        let a = parse(&[
+            "watch",
+            "--endpoints=127.0.0.1:23790",
+            "--put-endpoint=http://127.0.0.1:2379",
+            "--watchers=50",
+            "--streams=5",
+            "--conns=2",
+            "--events=10",
+            "--key=k",
+            "--val-size=64",
+            "--metrics-url=http://127.0.0.1:2379/metrics",
+            "--cpu-pid=42",
+            "--timeout=5",
+            "--put-rate=50",
+            "--json",
+        ]);
+        assert_eq!((a.watchers, a.streams, a.conns, a.events), (50, 5, 2, 10));
+        assert_eq!(a.put_endpoint.as_deref(), Some("http://127.0.0.1:2379"));
+        assert_eq!(
+            a.metrics_url.as_deref(),
+            Some("http://127.0.0.1:2379/metrics")
+        );
+        assert_eq!(
+            (a.key.as_str(), a.val_size, a.cpu_pid, a.timeout),
+            ("k", 64, Some(42), 5)
+        );
+        assert_eq!(a.put_rate, 50.0);
+        assert!(a.json);
+    }
+
+    #[tokio::test]
+    async fn bad_watch_arguments_fail_before_connecting() {
+        for bad in [
+            &["watch", "--endpoints=127.0.0.1:1", "--watchers=0"][..],
+            &[
+                "watch",
+                "--endpoints=127.0.0.1:1",
+                "--watchers=3",
+                "--streams=4",
+            ],
+            &["watch", "--endpoints=127.0.0.1:1", "--events=0"],
+            &["watch", "--endpoints=127.0.0.1:1", "--put-rate=-1"],
+            &[
+                "watch",
+                "--endpoints=127.0.0.1:1",
+                "--metrics-url=127.0.0.1:2",
+            ],
+            &[
+                "watch",
+                "--endpoints=127.0.0.1:1",
+                "--put-endpoint=https://a:1",
+            ],
+        ] {
+            let got = run(&parse(bad)).await;
+            assert!(
+                matches!(got, Err(BenchError::InvalidArgs(_))),
+                "{bad:?}: {got:?}"
+            );
+        }
     }
 
     #[test]

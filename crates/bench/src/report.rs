@@ -40,6 +40,55 @@ pub struct Report {
     pub histogram: Vec<Bucket>,
     /// Error message -> how many requests failed with it.
     pub error_distribution: BTreeMap<String, u64>,
+    /// `watch` runs only: what the watchers saw and cost. In a watch run a "request" is one
+    /// delivery of one event to one watcher, and latency is from the put's answer to the delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchSummary>,
+}
+
+/// What a `watch` run measured besides deliveries and their latencies.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WatchSummary {
+    /// Watchers opened, all of one key, from now.
+    pub watchers: u64,
+    /// Watch streams they were spread over.
+    pub streams: u64,
+    /// Connections the streams were spread over.
+    pub conns: u64,
+    /// Puts written (each an event for every watcher).
+    pub events: u64,
+    /// Puts a second asked for (`--put-rate`); 0 for as fast as they go.
+    pub put_rate: f64,
+    /// `watchers` x `events`.
+    pub expected_deliveries: u64,
+    /// Events delivered correctly: once, in order, at a revision the run wrote.
+    pub deliveries: u64,
+    /// Expected deliveries that never came.
+    pub missing: u64,
+    /// Watch responses that carried events (a server may put several revisions in one).
+    pub event_responses: u64,
+    /// From opening the streams to the last created answer, in seconds.
+    pub create_secs: f64,
+    /// From the first put to the last delivery (or the timeout), in seconds.
+    pub event_secs: f64,
+    /// `deliveries` / `event_secs`.
+    pub deliveries_per_sec: f64,
+    /// etcd's `etcd_debugging_mvcc_watcher_total` before the watchers were opened (`--metrics-url`).
+    pub etcd_watchers_before: Option<u64>,
+    /// The same once every watcher was created.
+    pub etcd_watchers_created: Option<u64>,
+    /// The same after the events, before the watchers were closed.
+    pub etcd_watchers_after: Option<u64>,
+    /// `--cpu-pid`: the process whose CPU time was read.
+    pub cpu_pid: Option<u32>,
+    /// Its `[utime, stime]` in clock ticks while the watchers were created.
+    pub cpu_ticks_create: Option<[u64; 2]>,
+    /// Its `[utime, stime]` in clock ticks during the event phase.
+    pub cpu_ticks_events: Option<[u64; 2]>,
+    /// The load generator's own `[utime, stime]` in clock ticks during the event phase (Linux).
+    pub client_cpu_ticks_events: Option<[u64; 2]>,
+    /// Measurements that could not be made (e.g. the metrics did not answer).
+    pub notes: Vec<String>,
 }
 
 /// Latency statistics, in seconds; all zero when no request succeeded.
@@ -109,7 +158,14 @@ impl Report {
             latency_secs: Latency::of_sorted(&secs),
             histogram: histogram(&secs),
             error_distribution,
+            watch: None,
         }
+    }
+
+    /// The report of a `watch` run.
+    pub fn with_watch(mut self, summary: WatchSummary) -> Report {
+        self.watch = Some(summary);
+        self
     }
 
     /// The report as etcd's benchmark prints it: summary, histogram, latency distribution, errors.
@@ -151,11 +207,22 @@ impl Report {
                 let _ = writeln!(s, "  {p}% in {}.", secs(v));
             }
         }
+        if let Some(w) = &self.watch {
+            w.text(&mut s);
+        }
         if !self.error_distribution.is_empty() {
             s.push_str("\nError distribution:\n");
             for (msg, n) in &self.error_distribution {
                 let _ = writeln!(s, "  [{n}]\t{msg}");
             }
+        }
+        if self.watch.is_some() && self.errors > 0 {
+            let _ = writeln!(
+                s,
+                "\n*** WATCH ERRORS: {} (see above): watchers did not see every event exactly once, \
+                 in order; this run is not a valid measurement ***",
+                self.errors
+            );
         }
         s
     }
@@ -169,6 +236,64 @@ impl Report {
     pub fn json(&self) -> String {
         // Only strings, numbers, vectors and string-keyed maps: serialization cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl WatchSummary {
+    /// The `Watch:` block of the text report.
+    fn text(&self, s: &mut String) {
+        let opt = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        let _ = write!(
+            s,
+            "\nWatch:\n  Watchers:\t{} of one key on {} streams over {} connections, created in {}.\n  \
+             Events:\t{} puts ({}); deliveries {} of {} expected, {} missing, in {} responses\n  \
+             Event phase:\t{}, {:4.4} deliveries/sec\n",
+            self.watchers,
+            self.streams,
+            self.conns,
+            secs(self.create_secs),
+            self.events,
+            if self.put_rate > 0.0 {
+                format!("{} a second", self.put_rate)
+            } else {
+                "unpaced".to_string()
+            },
+            self.deliveries,
+            self.expected_deliveries,
+            self.missing,
+            self.event_responses,
+            secs(self.event_secs),
+            self.deliveries_per_sec,
+        );
+        if self.etcd_watchers_before.is_some() || self.etcd_watchers_created.is_some() {
+            let _ = writeln!(
+                s,
+                "  etcd watchers:\t{} before, {} with the watchers created, {} after the events",
+                opt(self.etcd_watchers_before),
+                opt(self.etcd_watchers_created),
+                opt(self.etcd_watchers_after),
+            );
+        }
+        let ticks =
+            |t: Option<[u64; 2]>| t.map_or_else(|| "?".to_string(), |[u, s]| format!("{u}+{s}"));
+        if let Some(pid) = self.cpu_pid {
+            let _ = writeln!(
+                s,
+                "  CPU of pid {pid}:\t{} ticks (user+system) creating, {} during the events",
+                ticks(self.cpu_ticks_create),
+                ticks(self.cpu_ticks_events),
+            );
+        }
+        if self.client_cpu_ticks_events.is_some() {
+            let _ = writeln!(
+                s,
+                "  CPU of this client:\t{} ticks (user+system) during the events",
+                ticks(self.client_cpu_ticks_events),
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "  Note:\t{n}");
+        }
     }
 }
 

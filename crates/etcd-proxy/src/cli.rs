@@ -27,7 +27,7 @@ pub enum Invocation {
     GatewayStart(GatewayStartArgs),
     /// `etcd-proxy grpc-proxy start ...`
     GrpcProxyStart(GrpcProxyStartArgs),
-    /// `etcd-proxy bench put|range ...`: run the load generator and print its report.
+    /// `etcd-proxy bench put|range|watch|staleness ...`: run the load generator and print its report.
     Bench(bench::BenchArgs),
     /// `etcd-proxy version` or `etcd-proxy --version`: print [`crate::version::version_text`].
     Version,
@@ -126,7 +126,9 @@ enum TopCommand {
     Gateway(GatewayCommand),
     #[command(name = "grpc-proxy", about = "grpc-proxy related command")]
     GrpcProxy(GrpcProxyCommand),
-    #[command(about = "benchmark etcd: bench put|range [flags] (as etcd's tools/benchmark)")]
+    #[command(
+        about = "benchmark etcd: bench put|range|watch|staleness [flags] (as etcd's tools/benchmark)"
+    )]
     Bench(bench::BenchArgs),
     #[command(about = "print the version")]
     Version,
