@@ -462,6 +462,29 @@ async fn bad_input_gets_etcds_status() {
         r#"{"error":{"grpc_code":4,"http_code":504,"message":"context deadline exceeded","http_status":"Gateway Timeout"}}"#
     );
     assert!(dl[1].contains("context deadline exceeded"), "etcd: {}", d.1);
+    // An oversized request: a 3 MiB value is over etcd's request limit; the same refusal
+    // (429, code 8) through the proxy as from etcd's gateway. A body over the proxy's own
+    // bound (8 MiB) is refused without being read whole.
+    let big = format!(r#"{{"key":"Zm9v","value":"{}"}}"#, "QUFB".repeat(1 << 20));
+    let file = std::env::temp_dir().join(format!("etcd-proxy-big-{}.json", std::process::id()));
+    std::fs::write(&file, &big).expect("write the big body");
+    let at = format!("@{}", file.display());
+    let d = post(&pair.direct, "/v3/kv/put", &at, &[]);
+    let p = post(&pair.proxied, "/v3/kv/put", &at, &[]);
+    let code =
+        |b: &str| serde_json::from_str::<serde_json::Value>(b).expect("json")["code"].clone();
+    assert_eq!(
+        (p.0, code(&p.1)),
+        (d.0, code(&d.1)),
+        "{} vs etcd {}",
+        p.1,
+        d.1
+    );
+    assert_eq!(p.0, 429);
+    std::fs::write(&file, "A".repeat(9 << 20)).expect("write the huge body");
+    let (code9, body9) = post(&pair.proxied, "/v3/kv/put", &at, &[]);
+    assert_eq!(code9, 429, "{body9}");
+    let _ = std::fs::remove_file(&file);
     // The proxy still serves.
     let (code, _) = pair.same("/v3/kv/range", r#"{"key":"Zm9v"}"#, &[]);
     assert_eq!(code, 200);
