@@ -344,6 +344,15 @@ fn endpoint_urls(endpoints: &[String]) -> Result<Vec<String>, BenchError> {
 /// Opens `conns` HTTP/2 connections, round-robin over `endpoints`. Each `Channel` is one
 /// connection (no balancing inside tonic), so `--conns` means what it says.
 async fn connect(endpoints: &[String], conns: usize) -> Result<Vec<Channel>, BenchError> {
+    connect_with(endpoints, conns, Some(REQUEST_TIMEOUT)).await
+}
+
+/// [`connect`] with `timeout` on each request (`None`: none, for streams lasting a whole run).
+pub(crate) async fn connect_with(
+    endpoints: &[String],
+    conns: usize,
+    timeout: Option<Duration>,
+) -> Result<Vec<Channel>, BenchError> {
     let mut channels = Vec::with_capacity(conns);
     for i in 0..conns {
         let url = &endpoints[i % endpoints.len()];
@@ -351,15 +360,14 @@ async fn connect(endpoints: &[String], conns: usize) -> Result<Vec<Channel>, Ben
             endpoint: url.clone(),
             source,
         };
-        let channel = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(err)?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(err)?;
-        channels.push(channel);
+            .tcp_nodelay(true);
+        if let Some(t) = timeout {
+            endpoint = endpoint.timeout(t);
+        }
+        channels.push(endpoint.connect().await.map_err(err)?);
     }
     Ok(channels)
 }

@@ -37,10 +37,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::report::{Report, WatchSummary};
-use crate::{BenchError, CONNECT_TIMEOUT};
+use crate::BenchError;
 
 /// The metric etcd counts its watchers in.
 const WATCHER_METRIC: &str = "etcd_debugging_mvcc_watcher_total";
@@ -282,27 +282,6 @@ fn status_message(status: &tonic::Status) -> String {
     )
 }
 
-/// Watch streams without a request timeout (the connections of put and range runs have one).
-async fn connect_streams(endpoints: &[String], conns: usize) -> Result<Vec<Channel>, BenchError> {
-    let mut channels = Vec::with_capacity(conns);
-    for i in 0..conns {
-        let url = &endpoints[i % endpoints.len()];
-        let err = |source| BenchError::Connect {
-            endpoint: url.clone(),
-            source,
-        };
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(err)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(err)?;
-        channels.push(channel);
-    }
-    Ok(channels)
-}
-
 /// What one stream's task hands back: its ledger, its accepted deliveries (revision, arrival),
 /// and the open stream, so that its watchers stay open until the caller drops it.
 struct StreamOutcome {
@@ -513,7 +492,8 @@ pub(crate) async fn run(
     put_endpoint: &[String],
 ) -> Result<Report, BenchError> {
     plan.check()?;
-    let channels = connect_streams(watch_endpoints, plan.conns).await?;
+    // Watch streams last the whole run: no request timeout.
+    let channels = crate::connect_with(watch_endpoints, plan.conns, None).await?;
     let put_channel = crate::connect(put_endpoint, 1).await?.remove(0);
     let mut notes = Vec::new();
     let before = sample(etcd_watchers(&plan.metrics).await, &mut notes);
