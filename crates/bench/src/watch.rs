@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::report::{Report, WatchSummary};
 use crate::BenchError;
+use crate::report::{Report, WatchSummary};
 
 /// The metric etcd counts its watchers in.
 const WATCHER_METRIC: &str = "etcd_debugging_mvcc_watcher_total";
