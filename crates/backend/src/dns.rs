@@ -41,6 +41,12 @@ pub enum Dns {
     Server(SocketAddr, Box<TokioResolver>),
 }
 
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dns({})", self.describe())
+    }
+}
+
 impl Dns {
     /// The machine's resolver.
     pub fn system() -> Dns {

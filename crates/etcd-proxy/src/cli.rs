@@ -693,6 +693,16 @@ pub struct GrpcProxyStartArgs {
     )]
     pub disable_range_cache: bool,
 
+    /// `--discovery-dns-server` (not in etcd): `IP:PORT` of the only DNS server to ask for the
+    /// SRV records and member names of `--discovery-srv`; empty uses the system resolver.
+    #[arg(
+        long,
+        value_name = "string",
+        default_value = "",
+        help = "etcd-proxy only: DNS server (IP:PORT) to ask for SRV records instead of the system resolver"
+    )]
+    pub discovery_dns_server: String,
+
     /// `--debug`: log at debug level.
     #[arg(
         long,
@@ -1173,6 +1183,7 @@ mod tests {
         assert_eq!(p.range_cache_max_entries, 2048);
         assert_eq!(p.range_cache_max_bytes, 64 << 20);
         assert!(!p.disable_range_cache);
+        assert_eq!(p.discovery_dns_server, "");
     }
 
     #[test]

@@ -32,17 +32,7 @@ pub async fn run(args: GatewayStartArgs) -> Result<(), ExitError> {
     let health_check_interval =
         non_negative("--health-check-interval", args.health_check_interval)?;
     let drain_timeout = non_negative("--drain-timeout", args.drain_timeout)?;
-    let dns = if args.discovery_dns_server.is_empty() {
-        Dns::system()
-    } else {
-        let addr: SocketAddr = args.discovery_dns_server.parse().map_err(|_| {
-            ExitError::new(format!(
-                "invalid --discovery-dns-server {:?}: want IP:PORT",
-                args.discovery_dns_server
-            ))
-        })?;
-        Dns::server(addr)
-    };
+    let dns = crate::discovery::dns(&args.discovery_dns_server)?;
 
     let endpoints = endpoints(&args, &dns, dial_timeout).await?;
 
@@ -145,33 +135,15 @@ async fn endpoints(
     dns: &Dns,
     dial_timeout: Duration,
 ) -> Result<Vec<Endpoint>, ExitError> {
-    if !args.discovery_srv.is_empty() {
-        let found = backend::srv::discover(dns, &args.discovery_srv, &args.discovery_srv_name)
-            .await
-            .map_err(|e| ExitError::new(e.to_string()))?;
-        let names: Vec<String> = found.iter().map(|e| e.to_string()).collect();
-        tracing::info!(srv_server = %args.discovery_srv, dns = %dns.describe(), endpoints = ?names, "discovered cluster from SRV");
-        let usable = if args.insecure_discovery {
-            found
-        } else {
-            tracing::info!(srv_server = %args.discovery_srv, endpoints = ?names, "validating discovered SRV endpoints");
-            let ca = (!args.trusted_ca_file.is_empty()).then(|| Path::new(&args.trusted_ca_file));
-            let checked =
-                backend::srv::validate_secure(dns, found, ca, &args.discovery_srv, dial_timeout)
-                    .await;
-            for (ep, reason) in &checked.rejected {
-                tracing::warn!(srv_server = %args.discovery_srv, endpoint = %ep, error = %reason, "failed to validate discovered endpoints");
-            }
-            if !checked.valid.is_empty() {
-                let valid: Vec<String> = checked.valid.iter().map(|e| e.to_string()).collect();
-                tracing::info!(srv_server = %args.discovery_srv, endpoints = ?valid, "using validated discovered SRV endpoints");
-            }
-            checked.valid
-        };
-        if !usable.is_empty() {
-            return Ok(usable);
-        }
-        tracing::warn!(srv_server = %args.discovery_srv, "no usable SRV endpoint; falling back to --endpoints");
+    let flags = crate::discovery::SrvFlags {
+        domain: &args.discovery_srv,
+        name: &args.discovery_srv_name,
+        insecure: args.insecure_discovery,
+        ca: (!args.trusted_ca_file.is_empty()).then(|| Path::new(&args.trusted_ca_file)),
+        timeout: dial_timeout,
+    };
+    if let Some(found) = crate::discovery::srv_endpoints(dns, flags).await? {
+        return Ok(found);
     }
     args.endpoints
         .iter()

@@ -51,10 +51,14 @@ fn range_cache(
 
 /// Validates the flags, binds, logs `started gRPC proxy` and serves until a shutdown signal.
 pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
-    reject_unsupported(&args)?;
-    let endpoints = endpoints(&args)?;
+    // etcd's order: SRV discovery (a failed lookup ends here), then the client TLS.
+    let dns = crate::discovery::dns(&args.discovery_dns_server)?;
+    let endpoints = endpoints(&args, &dns).await?;
+    let member_tls = member_tls(&args)?;
 
     let mut config = grpc_proxy::Config::new(endpoints);
+    config.member_tls = member_tls;
+    config.dns = dns;
     config.dial_keepalive_time = positive("--dial-keepalive-time", args.dial_keepalive_time)?;
     config.dial_keepalive_timeout =
         positive("--dial-keepalive-timeout", args.dial_keepalive_timeout)?
@@ -88,6 +92,14 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
     config.range_cache = range_cache(&args)?;
     config.limits.send = message_limit("--max-send-bytes", args.max_send_bytes)?;
     config.limits.recv = message_limit("--max-recv-bytes", args.max_recv_bytes)?;
+    config.tls = crate::listen_tls::from_args(&args)?;
+    config.metrics_tls = args.metrics_addr.starts_with("https://");
+    if config.metrics_tls && config.tls.is_none() {
+        return Err(ExitError::new(format!(
+            "--metrics-addr {}: https needs --cert-file and --key-file, or --auto-tls",
+            args.metrics_addr
+        )));
+    }
 
     let listener = TcpListener::bind(args.listen_addr.as_str())
         .await
@@ -136,79 +148,103 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Refuses flags set to a non-default value whose feature does not exist yet.
-fn reject_unsupported(args: &GrpcProxyStartArgs) -> Result<(), ExitError> {
-    let d = GrpcProxyStartArgs::default();
-    let unsupported = [
-        ("discovery-srv", args.discovery_srv != d.discovery_srv),
-        (
-            "discovery-srv-name",
-            args.discovery_srv_name != d.discovery_srv_name,
-        ),
-        (
-            "insecure-discovery",
-            args.insecure_discovery != d.insecure_discovery,
-        ),
-        ("cert", args.cert != d.cert),
-        ("key", args.key != d.key),
-        ("cacert", args.cacert != d.cacert),
-        (
-            "insecure-skip-tls-verify",
-            args.insecure_skip_tls_verify != d.insecure_skip_tls_verify,
-        ),
-        ("cert-file", args.cert_file != d.cert_file),
-        ("key-file", args.key_file != d.key_file),
-        ("trusted-ca-file", args.trusted_ca_file != d.trusted_ca_file),
-        (
-            "listen-cipher-suites",
-            args.listen_cipher_suites != d.listen_cipher_suites,
-        ),
-        ("auto-tls", args.auto_tls != d.auto_tls),
-        ("client-crl-file", args.client_crl_file != d.client_crl_file),
-        (
-            "self-signed-cert-validity",
-            args.self_signed_cert_validity != d.self_signed_cert_validity,
-        ),
-        ("tls-min-version", args.tls_min_version != d.tls_min_version),
-        ("tls-max-version", args.tls_max_version != d.tls_max_version),
-    ];
-    match unsupported.iter().find(|(_, set)| *set) {
-        Some((flag, _)) => Err(ExitError::new(format!("--{flag} is not supported yet"))),
-        None => Ok(()),
-    }
+/// Whether any flag of the client TLS toward etcd is set: etcd then gives its client a TLS
+/// configuration, which clientv3 also uses for scheme-less endpoints.
+fn tls_flags_set(args: &GrpcProxyStartArgs) -> bool {
+    !args.cacert.is_empty()
+        || !args.cert.is_empty()
+        || !args.key.is_empty()
+        || args.insecure_skip_tls_verify
 }
 
-/// `--endpoints`, with an `http://` scheme stripped; `https://` members need TLS, not built yet.
-fn endpoints(args: &GrpcProxyStartArgs) -> Result<Vec<Endpoint>, ExitError> {
+/// The TLS configuration toward members from `--cacert`, `--cert`, `--key` and
+/// `--insecure-skip-tls-verify` (etcd's `newClientCfg`), every file read and checked now; `None`
+/// when no flag is set (an `https` member is then verified against the system roots). A client
+/// certificate with a Common Name is refused with etcd's message.
+fn member_tls(
+    args: &GrpcProxyStartArgs,
+) -> Result<Option<std::sync::Arc<backend::tls::TlsClientConfig>>, ExitError> {
+    if !tls_flags_set(args) {
+        return Ok(None);
+    }
+    let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+    let files = backend::tls::ClientFiles {
+        ca: path(&args.cacert),
+        cert: path(&args.cert),
+        key: path(&args.key),
+        insecure_skip_verify: args.insecure_skip_tls_verify,
+        require_empty_cn: true,
+    };
+    let config =
+        backend::tls::client_config(&files, &[b"h2"]).map_err(|e| ExitError::new(e.to_string()))?;
+    if args.insecure_skip_tls_verify {
+        tracing::warn!(
+            "--insecure-skip-tls-verify was given, this grpc proxy process skips authentication of etcd server TLS certificates. This option should be enabled only for testing purposes."
+        );
+    }
+    tracing::info!(
+        cacert = %args.cacert,
+        cert = %args.cert,
+        key = %args.key,
+        insecure_skip_tls_verify = args.insecure_skip_tls_verify,
+        "gRPC proxy client TLS"
+    );
+    Ok(Some(std::sync::Arc::new(config)))
+}
+
+/// The members: from SRV records with `--discovery-srv` (validated against `--cacert`, as
+/// etcd does), else, or when discovery finds nothing usable, `--endpoints`.
+async fn endpoints(
+    args: &GrpcProxyStartArgs,
+    dns: &backend::Dns,
+) -> Result<Vec<Endpoint>, ExitError> {
+    let flags = crate::discovery::SrvFlags {
+        domain: &args.discovery_srv,
+        name: &args.discovery_srv_name,
+        insecure: args.insecure_discovery,
+        ca: (!args.cacert.is_empty()).then(|| std::path::Path::new(&args.cacert)),
+        timeout: Duration::from_secs(5),
+    };
+    if let Some(found) = crate::discovery::srv_endpoints(dns, flags).await? {
+        return Ok(found);
+    }
+    static_endpoints(args)
+}
+
+/// `--endpoints`: `http://` members are plain, `https://` ones TLS, and scheme-less ones TLS
+/// only when a TLS flag is set (clientv3's rule).
+fn static_endpoints(args: &GrpcProxyStartArgs) -> Result<Vec<Endpoint>, ExitError> {
+    let tls = tls_flags_set(args);
     let endpoints = args
         .endpoints
         .iter()
         .filter(|e| !e.trim().is_empty())
         .map(|e| Endpoint::parse(e).map_err(|err| ExitError::new(err.to_string())))
+        .map(|ep| {
+            ep.map(|mut ep| {
+                if tls && ep.scheme == Scheme::Unspecified {
+                    ep.scheme = Scheme::Https;
+                }
+                ep
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(ep) = endpoints.iter().find(|ep| ep.scheme == Scheme::Https) {
-        return Err(ExitError::new(format!(
-            "--endpoints: https:// members are not supported yet ({ep})"
-        )));
-    }
     if endpoints.is_empty() {
         return Err(ExitError::new("no endpoints found"));
     }
     Ok(endpoints)
 }
 
-/// `--metrics-addr`: a URL with a scheme (`http://host:port`), as etcd requires; empty turns it
-/// off. `https://` needs the listener TLS, not built yet.
+/// `--metrics-addr`: a URL with a scheme (`http://host:port`, or `https://host:port` served with
+/// the listener's TLS), as etcd requires; empty turns it off.
 fn metrics_addr(flag: &str) -> Result<Option<String>, ExitError> {
     if flag.is_empty() {
         return Ok(None);
     }
-    if flag.starts_with("https://") {
-        return Err(ExitError::new(format!(
-            "--metrics-addr: https is not supported yet ({flag})"
-        )));
-    }
-    let Some(rest) = flag.strip_prefix("http://") else {
+    let Some(rest) = flag
+        .strip_prefix("http://")
+        .or_else(|| flag.strip_prefix("https://"))
+    else {
         return Err(ExitError::new(format!(
             "invalid --metrics-addr {flag:?}: want a URL with a scheme, e.g. http://127.0.0.1:9090"
         )));
@@ -252,40 +288,6 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_supported() {
-        assert!(reject_unsupported(&args(&[])).is_ok());
-        assert!(
-            reject_unsupported(&args(&[
-                "--debug",
-                "--enable-pprof",
-                "--max-concurrent-streams=100",
-                "--dial-keepalive-time=10s",
-                "--permit-without-stream",
-                "--advertise-client-url=127.0.0.1:1",
-                "--resolver-prefix=p",
-                "--resolver-ttl=5",
-                "--endpoints-auto-sync-interval=1m",
-                "--experimental-serializable-ordering",
-                "--experimental-leasing-prefix=l",
-                "--grpc-keepalive-min-time=10s",
-            ]))
-            .is_ok()
-        );
-    }
-
-    #[test]
-    fn unbuilt_features_are_refused_by_name() {
-        for (flag, name) in [
-            ("--cert-file=x.crt", "cert-file"),
-            ("--auto-tls", "auto-tls"),
-            ("--cacert=ca.pem", "cacert"),
-        ] {
-            let err = reject_unsupported(&args(&[flag])).unwrap_err();
-            assert_eq!(err.to_string(), format!("--{name} is not supported yet"));
-        }
-    }
-
-    #[test]
     fn metrics_addr_forms() {
         assert_eq!(metrics_addr("").unwrap(), None);
         assert_eq!(
@@ -300,18 +302,32 @@ mod tests {
             metrics_addr("http://:9000").unwrap().as_deref(),
             Some("0.0.0.0:9000")
         );
-        let err = metrics_addr("https://127.0.0.1:9000").unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert_eq!(
+            metrics_addr("https://127.0.0.1:9000").unwrap().as_deref(),
+            Some("127.0.0.1:9000")
+        );
         assert!(metrics_addr("127.0.0.1:9000").is_err());
         assert!(metrics_addr("http://nope").is_err());
     }
 
     #[test]
     fn endpoint_forms() {
-        let eps = endpoints(&args(&["--endpoints=http://127.0.0.1:1,127.0.0.1:2"])).unwrap();
+        let eps = static_endpoints(&args(&["--endpoints=http://127.0.0.1:1,127.0.0.1:2"])).unwrap();
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[0].to_string(), "127.0.0.1:1");
-        assert!(endpoints(&args(&["--endpoints=https://127.0.0.1:1"])).is_err());
-        assert!(endpoints(&args(&["--endpoints="])).is_err());
+        assert_eq!(eps[1].scheme, Scheme::Unspecified);
+        let eps = static_endpoints(&args(&["--endpoints=https://127.0.0.1:1"])).unwrap();
+        assert_eq!(eps[0].scheme, Scheme::Https);
+        assert!(static_endpoints(&args(&["--endpoints="])).is_err());
+        // With a TLS flag, scheme-less members are TLS too; explicit http:// stays plain.
+        let eps = static_endpoints(&args(&[
+            "--endpoints=http://127.0.0.1:1,127.0.0.1:2",
+            "--insecure-skip-tls-verify",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (eps[0].scheme, eps[1].scheme),
+            (Scheme::Http, Scheme::Https)
+        );
     }
 }

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod discovery;
 pub mod error;
 pub mod gateway_cmd;
 pub mod grpc_proxy_cmd;
+pub mod listen_tls;
 pub mod logging;
 pub mod signals;
 pub mod strconv;

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use crate::dial::{Alpn, Dialer};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -47,6 +48,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Where the proxy's own gRPC port answers, for `/proxy/health`.
     pub self_addr: SocketAddr,
+    /// With TLS on the main port: how the proxy speaks TLS to itself (its own certificate
+    /// pinned, and presented as its client certificate).
+    pub self_tls: Option<Arc<rustls::ClientConfig>>,
     /// Connect budget for calls to members (`/metrics`).
     pub dial_timeout: Duration,
     /// Shares `/health` checks between concurrent requests.
@@ -110,7 +114,10 @@ pub async fn handle<B>(admin: &Admin, req: Request<B>) -> Response<HttpBody> {
                 }
                 h
             } else {
-                admin.proxy_check.run(|| check_proxy(admin.self_addr)).await
+                admin
+                    .proxy_check
+                    .run(|| check_proxy(admin.self_addr, admin.self_tls.as_ref()))
+                    .await
             };
             if !health.ok {
                 tracing::warn!(path, reason = %health.reason, "serving health check failure");
@@ -267,14 +274,18 @@ pub async fn check_cluster(upstream: &Upstream) -> Health {
             loop {
                 if calls.is_empty() {
                     let Some(ep) = members.next() else { break };
-                    calls.spawn(async move { unary(&ep.to_string(), RANGE_PATH, RANGE_A).await });
+                    let dialer = upstream.dialer().clone();
+                    calls.spawn(
+                        async move { member_unary(&dialer, &ep, RANGE_PATH, RANGE_A).await },
+                    );
                 }
                 let joined = tokio::select! {
                     joined = calls.join_next() => joined,
                     () = tokio::time::sleep(HEDGE_DELAY) => {
                         if let Some(ep) = members.next() {
+                            let dialer = upstream.dialer().clone();
                             calls.spawn(async move {
-                                unary(&ep.to_string(), RANGE_PATH, RANGE_A).await
+                                member_unary(&dialer, &ep, RANGE_PATH, RANGE_A).await
                             });
                         }
                         continue;
@@ -305,18 +316,19 @@ pub async fn check_cluster(upstream: &Upstream) -> Health {
 
 /// etcd's `checkProxyHealth`: the same Range, then a watch created, both through the proxy's
 /// own port, so the whole path a client takes is checked.
-pub async fn check_proxy(self_addr: SocketAddr) -> Health {
+pub async fn check_proxy(self_addr: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> Health {
     let addr = self_addr.to_string();
+    let mut last_error = None;
     let get = async {
         loop {
-            let result = unary(&addr, RANGE_PATH, RANGE_A).await;
+            let result = unary_with(&addr, tls, RANGE_PATH, RANGE_A).await;
             if range_answered(&result) {
                 return Ok(());
             }
-            if let Err(e) = result
-                && !e.retryable()
-            {
-                return Err(e);
+            match result {
+                Err(e) if !e.retryable() => return Err(e),
+                Err(e) => last_error = Some(e),
+                Ok(()) => {}
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
@@ -324,9 +336,15 @@ pub async fn check_proxy(self_addr: SocketAddr) -> Health {
     match tokio::time::timeout(GET_TIMEOUT, get).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Health::unhealthy(format!("GET ERROR:{}", e.go_text())),
+        // Under TLS, the proxy failing to reach itself is most likely its own TLS set-up (its
+        // certificate refused as a client certificate): say so rather than only "deadline".
+        Err(_) if tls.is_some() && last_error.is_some() => {
+            let e = last_error.map(|e| e.go_text()).unwrap_or_default();
+            return Health::unhealthy(format!("GET ERROR:{e}"));
+        }
         Err(_) => return Health::unhealthy("GET ERROR:context deadline exceeded".into()),
     }
-    match tokio::time::timeout(WATCH_TIMEOUT, watch_created(&addr)).await {
+    match tokio::time::timeout(WATCH_TIMEOUT, watch_created(&addr, tls)).await {
         Ok(Ok(())) => Health::healthy(),
         // etcd's proxy reports every way the watch can fail as a timeout (its channel only
         // closes when the context ends).
@@ -338,9 +356,12 @@ pub async fn check_proxy(self_addr: SocketAddr) -> Health {
     }
 }
 
-/// An h2c connection to `addr` (host:port), its driver task, and the request builder.
-async fn h2c(
+/// An HTTP/2 connection to `addr` (host:port), its driver task, and the request builder: h2c,
+/// or over TLS with `tls` when given (the proxy calling its own TLS port; the SNI name is the
+/// address's IP, which the pinned self-client verifier does not check).
+async fn h2c_with(
     addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<
     (
         hyper::client::conn::http2::SendRequest<Full<Bytes>>,
@@ -352,10 +373,31 @@ async fn h2c(
         .await
         .map_err(|e| CallError::Transport(format!("dial {addr}: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    let h2_error =
+        |e: hyper::Error| CallError::Transport(format!("HTTP/2 handshake with {addr}: {e}"));
+    if let Some(config) = tls {
+        let ip = tcp
+            .peer_addr()
+            .map(|a| a.ip())
+            .map_err(|e| CallError::Transport(format!("dial {addr}: {e}")))?;
+        let name = crate::listen_tls::self_server_name(ip);
+        let stream = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| CallError::Transport(format!("TLS handshake with {addr}: {e}")))?;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(h2_error)?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok((sender, driver));
+    }
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
-            .map_err(|e| CallError::Transport(format!("HTTP/2 handshake with {addr}: {e}")))?;
+            .map_err(h2_error)?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -406,14 +448,53 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// One unary call over a fresh connection; `Ok` when etcd answered `OK`.
-async fn unary(addr: &str, path: &str, message: &[u8]) -> Result<(), CallError> {
-    let (mut sender, driver) = h2c(addr).await?;
+/// One unary call over a fresh connection to the proxy's own port, over TLS with `tls` when
+/// given; `Ok` when etcd answered `OK`.
+async fn unary_with(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    path: &str,
+    message: &[u8],
+) -> Result<(), CallError> {
+    let (sender, driver) = h2c_with(addr, tls).await?;
+    unary_over(sender, driver, addr, path, message).await
+}
+
+/// One unary call to member `ep` over a fresh connection, TLS for an `https` member.
+async fn member_unary(
+    dialer: &Dialer,
+    ep: &Endpoint,
+    path: &str,
+    message: &[u8],
+) -> Result<(), CallError> {
+    let addr = ep.to_string();
+    let stream = dialer
+        .connect(ep, Alpn::H2)
+        .await
+        .map_err(|e| CallError::Transport(format!("dial {addr}: {e}")))?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| CallError::Transport(format!("HTTP/2 handshake with {addr}: {e}")))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    unary_over(sender, driver, &addr, path, message).await
+}
+
+/// One unary call on a fresh connection (`sender`, driven by `driver`, ended afterwards).
+async fn unary_over(
+    mut sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    driver: JoinHandle<()>,
+    addr: &str,
+    path: &str,
+    message: &[u8],
+) -> Result<(), CallError> {
     let result = async {
         let resp = sender
             .send_request(grpc_request(addr, path, message)?)
             .await
-            .map_err(|e| CallError::Transport(format!("call to {addr}: {e}")))?;
+            .map_err(|e| CallError::Transport(format!("call to {addr}: {}", with_sources(&e))))?;
         if let Some(status) = status_in(resp.headers()) {
             return into_result(status);
         }
@@ -432,6 +513,18 @@ async fn unary(addr: &str, path: &str, message: &[u8]) -> Result<(), CallError> 
     result
 }
 
+/// `e` and its sources (hyper's "connection error" alone does not say that a TLS alert came).
+fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn into_result((code, message): (u16, String)) -> Result<(), CallError> {
     if code == 0 {
         Ok(())
@@ -441,8 +534,11 @@ fn into_result((code, message): (u16, String)) -> Result<(), CallError> {
 }
 
 /// Opens a watch on `a` at `addr` and waits for etcd's "created" answer.
-async fn watch_created(addr: &str) -> Result<(), CallError> {
-    let (mut sender, driver) = h2c(addr).await?;
+async fn watch_created(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(), CallError> {
+    let (mut sender, driver) = h2c_with(addr, tls).await?;
     let result = async {
         // The request stream ends after the create request; etcd keeps the watch open (a
         // half-closed watch stream is still served) and answers with `created`.
@@ -540,7 +636,8 @@ fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
 /// HTTP API read it to choose their API path).
 async fn from_member(admin: &Admin, path: &str, content_type: &'static str) -> Response<HttpBody> {
     for ep in admin.upstream.members_in_order() {
-        match tokio::time::timeout(admin.dial_timeout, http_get(&ep, path)).await {
+        let dialer = admin.upstream.dialer();
+        match tokio::time::timeout(admin.dial_timeout, http_get(dialer, &ep, path)).await {
             Ok(Ok(body)) => {
                 let mut resp = Response::new(Full::new(body));
                 resp.headers_mut()
@@ -556,13 +653,14 @@ async fn from_member(admin: &Admin, path: &str, content_type: &'static str) -> R
     go_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
 }
 
-/// `GET path` from a member over HTTP/1.1; the body.
-async fn http_get(ep: &Endpoint, path: &str) -> Result<Bytes, String> {
+/// `GET path` from a member over HTTP/1.1 (over TLS for an `https` member); the body.
+async fn http_get(dialer: &Dialer, ep: &Endpoint, path: &str) -> Result<Bytes, String> {
     let addr = ep.to_string();
-    let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+    let stream = dialer
+        .connect(ep, Alpn::Http1)
         .await
         .map_err(|e| format!("dial {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(async move {

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backend::Endpoint;
-use backend::endpoint::Scheme;
 use bytes::Bytes;
 use etcd_api::etcdserverpb::cluster_client::ClusterClient;
 use etcd_api::etcdserverpb::kv_client::KvClient;
@@ -147,10 +146,24 @@ impl Cluster {
         if let Some(ch) = channels.get(&name) {
             return Some(ch.clone());
         }
+        // The connector does TCP and, for an `https` member, TLS with the proxy's member TLS
+        // configuration (tonic without its TLS features needs an `http` URI; the connection
+        // underneath is what carries TLS).
+        let dialer = self.upstream.dialer().clone();
+        let member = ep.clone();
+        let connector = tower::service_fn(move |_: hyper::Uri| {
+            let (dialer, member) = (dialer.clone(), member.clone());
+            async move {
+                dialer
+                    .connect(&member, crate::dial::Alpn::H2)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        });
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{name}"))
             .ok()?
             .connect_timeout(self.call_timeout)
-            .connect_lazy();
+            .connect_with_connector_lazy(connector);
         channels.insert(name, ch.clone());
         Some(ch)
     }
@@ -553,7 +566,7 @@ impl Cluster {
             let endpoints = synced_endpoints(&resp.members);
             if endpoints.is_empty() {
                 tracing::debug!(
-                    "endpoint sync found no member with an http client URL; keeping the current ones"
+                    "endpoint sync found no member with a client URL; keeping the current ones"
                 );
                 continue;
             }
@@ -573,14 +586,13 @@ impl Cluster {
 }
 
 /// The client URLs clientv3's endpoint sync would use: started voting members only (a learner
-/// or a member not yet started has no name), `http` or scheme-less only (no TLS yet).
+/// or a member not yet started has no name); `https` ones are spoken to over TLS.
 fn synced_endpoints(members: &[Member]) -> Vec<Endpoint> {
     members
         .iter()
         .filter(|m| !m.name.is_empty() && !m.is_learner)
         .flat_map(|m| m.client_ur_ls.iter())
         .filter_map(|u| Endpoint::parse(u).ok())
-        .filter(|ep| ep.scheme != Scheme::Https)
         .collect()
 }
 
@@ -681,6 +693,7 @@ mod tests {
             m("d", &["https://127.0.0.1:4", "127.0.0.1:5"], false),
         ]);
         let names: Vec<String> = eps.iter().map(|e| e.to_string()).collect();
-        assert_eq!(names, ["127.0.0.1:1", "127.0.0.1:5"]);
+        assert_eq!(names, ["127.0.0.1:1", "127.0.0.1:4", "127.0.0.1:5"]);
+        assert_eq!(eps[1].scheme, backend::endpoint::Scheme::Https);
     }
 }

@@ -9,7 +9,8 @@
 //! chosen by [`forward::route`] in front of that fallback.
 //!
 //! The same port also answers plain HTTP (1.1 or 2) for health and metrics ([`admin`]); a
-//! request is gRPC when its content type says so.
+//! request is gRPC when its content type says so. With [`Config::tls`] every connection is TLS
+//! first (ALPN `h2` and `http/1.1`, [`listen_tls`]), then served the same way.
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod cluster;
+pub mod dial;
 pub mod forward;
 pub mod http_api;
 pub mod keepalive;
@@ -24,6 +26,7 @@ mod keyspace;
 pub mod lease;
 pub mod leasing;
 pub mod limits;
+pub mod listen_tls;
 pub mod metrics;
 pub mod namespace;
 pub mod ordering;
@@ -117,6 +120,16 @@ pub struct Config {
     /// The range cache's bounds (`--range-cache-max-entries`, `--range-cache-max-bytes`);
     /// `None` turns it off (`--disable-range-cache`) ([`cache`]).
     pub range_cache: Option<cache::CacheLimits>,
+    /// TLS toward `https` members (`--cacert`, `--cert`, `--key`, `--insecure-skip-tls-verify`,
+    /// [`dial`]); `None` verifies them against the system roots without a client certificate.
+    pub member_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Resolves member host names: the system's resolver, or `--discovery-dns-server`.
+    pub dns: backend::Dns,
+    /// TLS for clients (`--cert-file`/`--key-file` or `--auto-tls`, [`listen_tls`]); `None`
+    /// serves plain text (h2c and HTTP/1.1).
+    pub tls: Option<listen_tls::ListenTls>,
+    /// `--metrics-addr https://...`: the metrics listener serves [`Config::tls`] too.
+    pub metrics_tls: bool,
 }
 
 impl Config {
@@ -145,6 +158,10 @@ impl Config {
             serializable_ordering: false,
             leasing_prefix: None,
             range_cache: Some(cache::CacheLimits::default()),
+            member_tls: None,
+            dns: backend::Dns::system(),
+            tls: None,
+            metrics_tls: false,
         }
     }
 }
@@ -239,6 +256,7 @@ pub async fn serve_with_metrics(
             upstream,
             metrics,
             self_addr: dialable(&listener),
+            self_tls: config.tls.as_ref().map(|t| t.self_client.clone()),
             dial_timeout: config.dial_timeout,
             cluster_check: admin::CheckGate::default(),
             proxy_check: admin::CheckGate::default(),
@@ -257,6 +275,10 @@ pub async fn serve_with_metrics(
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout);
     let builder = Arc::new(builder);
+    let acceptor = config
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(t.server.clone()));
 
     // `graceful` asks connections to finish (GOAWAY); `hard` drops those still open after the
     // drain timeout.
@@ -268,6 +290,7 @@ pub async fn serve_with_metrics(
         tracker.spawn(accept_loop(
             metrics_listener,
             Port::Metrics,
+            acceptor.clone().filter(|_| config.metrics_tls),
             state.clone(),
             builder.clone(),
             graceful.clone(),
@@ -279,6 +302,7 @@ pub async fn serve_with_metrics(
     accept_loop(
         listener,
         Port::Main,
+        acceptor,
         state,
         builder,
         graceful.clone(),
@@ -421,6 +445,7 @@ async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Respon
 async fn accept_loop(
     listener: TcpListener,
     port: Port,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: CancellationToken,
@@ -450,26 +475,72 @@ async fn accept_loop(
         let builder = builder.clone();
         let graceful = graceful.clone();
         let hard = hard.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 Box::pin(async move { Ok::<_, Infallible>(route(&state, port, req).await) })
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = graceful.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = hard.cancelled() => Ok(()),
-                    }
-                }
+            let Some(acceptor) = tls else {
+                return serve_connection(tcp, peer, &builder, service, &graceful, &hard).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            // Bounded, and given up on shutdown: a client that opens a connection and sends
+            // nothing must not hold a task (or the drain) forever.
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let stream = tokio::select! {
+                r = handshake => r,
+                () = graceful.cancelled() => return,
+            };
+            match stream {
+                Ok(Ok(stream)) => {
+                    serve_connection(stream, peer, &builder, service, &graceful, &hard).await
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake with a client failed")
+                }
+                Err(_) => tracing::debug!(
+                    peer = %peer,
+                    timeout = ?TLS_HANDSHAKE_TIMEOUT,
+                    "TLS handshake with a client timed out"
+                ),
             }
         });
+    }
+}
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 or HTTP/2 on one accepted (and, with TLS, handshaken) connection until it
+/// ends, `graceful` asks it to finish, or `hard` drops it.
+async fn serve_connection<I, S>(
+    io: I,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    service: S,
+    graceful: &CancellationToken,
+    hard: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = hard.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
     }
 }

@@ -27,11 +27,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::dial::{Alpn, Dialer};
 use crate::rewrite::RequestBody;
 
 /// First pause before reconnecting to a member that failed.
@@ -63,6 +63,8 @@ struct Member {
     endpoint: Endpoint,
     name: String,
     authority: Authority,
+    /// Spoken to over TLS (`https`): forwarded calls carry `:scheme https`.
+    tls: bool,
     /// False while the member's last probe failed: new calls skip it.
     active: AtomicBool,
     /// The same as `active`, for long streams that wait for their member to fail
@@ -111,6 +113,8 @@ struct Spawner {
     per_member: usize,
     health_check_interval: Duration,
     tls_probe: Arc<rustls::ClientConfig>,
+    /// TCP and TLS to members.
+    dialer: Dialer,
     stop: CancellationToken,
 }
 
@@ -133,6 +137,7 @@ fn new_member(ep: &Endpoint, stop: &CancellationToken) -> Option<Arc<Member>> {
             endpoint: ep.clone(),
             name,
             authority,
+            tls: Dialer::uses_tls(ep),
             active: AtomicBool::new(true),
             health: watch::Sender::new(true),
             stop: stop.child_token(),
@@ -161,6 +166,7 @@ impl Upstream {
             per_member: config.connections_per_member.max(1),
             health_check_interval: config.health_check_interval,
             tls_probe: backend::tls::probe_client_config(),
+            dialer: Dialer::new(config),
             stop,
         };
         let mut members: Vec<Arc<Member>> = Vec::new();
@@ -195,6 +201,7 @@ impl Upstream {
                 self.clone(),
                 slot.clone(),
                 sp.builder.clone(),
+                sp.dialer.clone(),
                 sp.dial_timeout,
             ));
         }
@@ -205,9 +212,15 @@ impl Upstream {
                     sp.health_check_interval,
                     sp.dial_timeout,
                     sp.tls_probe.clone(),
+                    sp.dialer.dns().clone(),
                 ));
             }
         }
+    }
+
+    /// How the proxy connects to members (TLS, name resolution), for its own calls.
+    pub fn dialer(&self) -> &Dialer {
+        &self.spawner.dialer
     }
 
     fn snapshot(&self) -> Arc<MemberSet> {
@@ -376,7 +389,7 @@ impl Upstream {
                     let Some(mut sender) = slot.ready_sender() else {
                         continue;
                     };
-                    set_authority(&mut req, &member.authority);
+                    set_authority(&mut req, &member.authority, member.tls);
                     match sender.try_send_request(req).await {
                         Ok(resp) => return Ok((resp, member.clone())),
                         Err(mut err) => match err.take_message() {
@@ -497,9 +510,9 @@ async fn monitor(
     interval: Duration,
     timeout: Duration,
     tls_probe: Arc<rustls::ClientConfig>,
+    dns: backend::Dns,
 ) {
     let stop = member.stop.clone();
-    let dns = backend::dns::Dns::system();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -530,10 +543,10 @@ async fn monitor(
     }
 }
 
-/// Points the call at `authority` over plain HTTP, keeping its path.
-fn set_authority(req: &mut Request<RequestBody>, authority: &Authority) {
+/// Points the call at `authority` (`https` over TLS, else `http`), keeping its path.
+fn set_authority(req: &mut Request<RequestBody>, authority: &Authority, tls: bool) {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
     parts.authority = Some(authority.clone());
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
@@ -551,6 +564,7 @@ async fn maintain(
     upstream: Arc<Upstream>,
     slot: Arc<Slot>,
     builder: http2::Builder<TokioExecutor>,
+    dialer: Dialer,
     dial_timeout: Duration,
 ) {
     let member = &slot.member;
@@ -562,7 +576,7 @@ async fn maintain(
     loop {
         let attempt = tokio::select! {
             () = stop.cancelled() => return,
-            r = connect(&member.endpoint, &builder, dial_timeout) => r,
+            r = connect(&dialer, &member.endpoint, &builder, dial_timeout) => r,
         };
         match attempt {
             Ok((sender, conn)) => {
@@ -611,7 +625,8 @@ async fn maintain(
     }
 }
 
-type Connection = http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>;
+type Connection =
+    http2::Connection<TokioIo<backend::tls::MemberStream>, RequestBody, TokioExecutor>;
 
 /// Why a connection to a member could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -625,14 +640,14 @@ enum ConnectError {
 }
 
 async fn connect(
+    dialer: &Dialer,
     endpoint: &Endpoint,
     builder: &http2::Builder<TokioExecutor>,
     dial_timeout: Duration,
 ) -> Result<(SendRequest<RequestBody>, Connection), ConnectError> {
     let dial = async {
-        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-        tcp.set_nodelay(true)?;
-        Ok::<_, ConnectError>(builder.handshake(TokioIo::new(tcp)).await?)
+        let stream = dialer.connect(endpoint, Alpn::H2).await?;
+        Ok::<_, ConnectError>(builder.handshake(TokioIo::new(stream)).await?)
     };
     tokio::time::timeout(dial_timeout, dial)
         .await
