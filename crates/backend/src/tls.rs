@@ -148,7 +148,7 @@ pub async fn connect(dns: &Dns, ep: &Endpoint) -> Result<TcpStream, String> {
 /// "does a TLS server answer", never trusts what it says.
 pub fn probe_client_config() -> Arc<ClientConfig> {
     let provider = provider();
-    let verifier = Arc::new(AnyCert(provider.signature_verification_algorithms));
+    let verifier = Arc::new(AcceptCert::any(provider.signature_verification_algorithms));
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         // The ring provider supports TLS 1.2 and 1.3, the safe defaults, so this cannot fail.
@@ -159,19 +159,55 @@ pub fn probe_client_config() -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
+/// A server certificate verifier that trusts by fiat (any certificate, or exactly one pinned
+/// certificate) but still checks the handshake's signatures: for liveness probes and
+/// `--insecure-skip-tls-verify`, and for the proxy calling itself (its own, possibly
+/// self-signed, certificate).
 #[derive(Debug)]
-struct AnyCert(WebPkiSupportedAlgorithms);
+pub struct AcceptCert {
+    /// `None`: any certificate.
+    only: Option<CertificateDer<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl ServerCertVerifier for AnyCert {
+impl AcceptCert {
+    /// Accepts any certificate.
+    pub fn any(algorithms: WebPkiSupportedAlgorithms) -> AcceptCert {
+        AcceptCert {
+            only: None,
+            algorithms,
+        }
+    }
+
+    /// Accepts exactly `cert` as the server's leaf certificate.
+    pub fn pinned(
+        cert: CertificateDer<'static>,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> AcceptCert {
+        AcceptCert {
+            only: Some(cert),
+            algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for AcceptCert {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.only {
+            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => {
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
@@ -180,7 +216,7 @@ impl ServerCertVerifier for AnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -189,11 +225,11 @@ impl ServerCertVerifier for AnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -337,7 +373,7 @@ pub fn client_config(files: &ClientFiles, alpn: &[&[u8]]) -> Result<ClientConfig
     let builder = if files.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(
+            .with_custom_certificate_verifier(Arc::new(AcceptCert::any(
                 provider.signature_verification_algorithms,
             )))
     } else {

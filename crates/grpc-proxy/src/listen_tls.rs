@@ -13,14 +13,12 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-    SupportedCipherSuite, SupportedProtocolVersion,
+    ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite, SupportedProtocolVersion,
 };
 
 /// A TLS version named by `--tls-min-version` / `--tls-max-version`.
@@ -300,10 +298,11 @@ pub fn build(opts: &Options) -> Result<ListenTls, TlsError> {
 
     // The self-client speaks every version and suite the server may have kept.
     let self_provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pinned = PinnedCert {
-        cert: chain[0].clone(),
-        algorithms: self_provider.signature_verification_algorithms,
-    };
+    // Exactly the proxy's own certificate: it needs no CA (an `--auto-tls` one has none).
+    let pinned = backend::tls::AcceptCert::pinned(
+        chain[0].clone(),
+        self_provider.signature_verification_algorithms,
+    );
     let mut self_client = ClientConfig::builder_with_provider(self_provider)
         .with_safe_default_protocol_versions()
         .map_err(version_error)?
@@ -323,55 +322,6 @@ pub fn build(opts: &Options) -> Result<ListenTls, TlsError> {
 /// at it).
 pub fn self_server_name(ip: IpAddr) -> ServerName<'static> {
     ServerName::IpAddress(ip.into())
-}
-
-/// Accepts exactly the proxy's own leaf certificate, with a valid handshake signature: the
-/// proxy calling itself needs no CA (an `--auto-tls` certificate has none).
-#[derive(Debug)]
-struct PinnedCert {
-    cert: CertificateDer<'static>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 /// etcd's `transport.SelfCert` for `--auto-tls`: `<dir>/cert.pem` and `<dir>/key.pem`, reused
