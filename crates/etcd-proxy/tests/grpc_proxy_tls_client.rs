@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::dnsmasq::Dns;
@@ -102,22 +100,7 @@ async fn proxy_serves_a_tls_cluster_with_client_cert_auth() {
     assert!(body.contains("etcd_server_has_leader"), "{body}");
 
     // A watch held through the proxy survives the death of the member serving it.
-    let mut watch = Command::new(testkit::etcdctl_path())
-        .args(["--endpoints", &addr, "watch", "survivor"])
-        .env("ETCDCTL_API", "3")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcdctl watch");
-    let stdout = watch.stdout.take().expect("stdout piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut watch, rx) = common::etcdctl_watch(&addr, "survivor");
     let wait_for = |value: &str, put: &dyn Fn()| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

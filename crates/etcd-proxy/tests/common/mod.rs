@@ -242,8 +242,11 @@ pub fn check_lease_flow(cluster: &testkit::Cluster, addr: &str) -> String {
     id
 }
 
-/// A watch on `key` held open through `addr` reports a put made directly on the cluster.
-pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: &str) {
+/// `etcdctl watch key` through `addr`, running: the process and its output lines as they come.
+pub fn etcdctl_watch(
+    addr: &str,
+    key: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut watch = Command::new(testkit::etcdctl_path())
         .args(["--endpoints", addr, "watch", key])
         .env("ETCDCTL_API", "3")
@@ -260,6 +263,12 @@ pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: 
             }
         }
     });
+    (watch, rx)
+}
+
+/// A watch on `key` held open through `addr` reports a put made directly on the cluster.
+pub fn check_watch_sees_direct_put(cluster: &testkit::Cluster, addr: &str, key: &str) {
+    let (mut watch, rx) = etcdctl_watch(addr, key);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen: Vec<String> = Vec::new();
     let mut puts = 0;
