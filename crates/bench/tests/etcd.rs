@@ -1,20 +1,10 @@
 //! The load generator against a real etcd: requests are counted right, and puts really land.
 
-use bench::{BenchArgs, BenchError, Mode};
-use clap::Parser;
+mod common;
+
+use bench::{BenchError, Mode};
+use common::args;
 use testkit::Cluster;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    bench: BenchArgs,
-}
-
-fn args(argv: &[&str]) -> BenchArgs {
-    Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-        .bench
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn puts_and_ranges_against_real_etcd() {

@@ -1,21 +1,10 @@
 //! `bench watch` against a real etcd: every watcher gets every event once, and etcd's watcher
 //! count and a process's CPU time are read while the watchers are open.
 
-use bench::BenchArgs;
-use clap::Parser;
+mod common;
+
+use common::args;
 use testkit::Cluster;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    bench: BenchArgs,
-}
-
-fn args(argv: &[&str]) -> BenchArgs {
-    Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-        .bench
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_watcher_gets_every_event_once() {

@@ -642,12 +642,8 @@ async fn stream_answer(
     if let Some((code, message)) = status_of(&head.headers)
         && code != 0
     {
-        let mut resp = with_body(http_status(code), "application/json", Vec::new());
-        *resp.body_mut() = ResponseBody::Local {
-            message: Some(stream_error(code, &message)),
-            trailers: None,
-        };
-        return resp;
+        let body = stream_error(code, &message).to_vec();
+        return with_body(http_status(code), "application/json", body);
     }
     let (out, out_rx) = mpsc::channel::<Frame<Bytes>>(16);
     tokio::spawn(async move {
