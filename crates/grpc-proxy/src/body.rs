@@ -1,6 +1,7 @@
-//! The request body of a gRPC call as the handlers see it: a client's HTTP/2 body, or messages
-//! made by the proxy itself (the HTTP/JSON API, [`crate::http_api`], turns JSON into gRPC calls
-//! served in-process by the same handlers, so namespace, cache and coalescing apply to both).
+//! The request body of a gRPC call as the handlers see it: a client's HTTP/2 or HTTP/1.1 body,
+//! or messages made by the proxy itself (the HTTP/JSON API, [`crate::http_api`], turns JSON into
+//! gRPC calls served in-process by the same handlers, so namespace, cache and coalescing apply
+//! to both).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,14 +10,27 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
 
+use crate::h2io::RecvBody;
+
 /// A gRPC call's request body.
 #[derive(Debug)]
 pub enum ClientBody {
-    /// From a client connection.
+    /// From a client's HTTP/2 connection (served with `h2`, [`crate::serve_h2`]).
+    H2(RecvBody),
+    /// From a client's HTTP/1.1 connection (served with hyper).
     Http(Incoming),
     /// Framed gRPC messages written by the proxy; the sender's drop ends the body
     /// (a half-close).
     Local(mpsc::Receiver<Bytes>),
+}
+
+/// Why a client's body could not be read: its stream or connection broke.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    H2(#[from] h2::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
 }
 
 impl From<Incoming> for ClientBody {
@@ -27,20 +41,26 @@ impl From<Incoming> for ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ClientBody::Http(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::H2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
+            ClientBody::Http(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
             ClientBody::Local(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
+            ClientBody::H2(body) => body.is_end_stream(),
             ClientBody::Http(body) => body.is_end_stream(),
             ClientBody::Local(rx) => rx.is_closed() && rx.is_empty(),
         }
@@ -48,6 +68,7 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            ClientBody::H2(body) => body.size_hint(),
             ClientBody::Http(body) => body.size_hint(),
             ClientBody::Local(_) => SizeHint::default(),
         }

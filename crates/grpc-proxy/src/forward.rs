@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http_body_util::BodyExt;
-use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use tokio::sync::oneshot;
@@ -25,7 +25,7 @@ use crate::resume::{self, Stream};
 use crate::rewrite::{
     self, Limits, Method, RequestBody, RequestBodyError, ResponseStream, Rewriter,
 };
-use crate::upstream::{SendError, Upstream};
+use crate::upstream::{SendError, Upstream, UpstreamBody};
 
 /// gRPC's `UNAVAILABLE`: clients treat it as "try again / another endpoint".
 const UNAVAILABLE: u16 = 14;
@@ -224,7 +224,7 @@ pub(crate) async fn send_buffered_read(
     upstream: &Upstream,
     parts: &hyper::http::request::Parts,
     body: Bytes,
-) -> Result<Response<Incoming>, Response<ResponseBody>> {
+) -> Result<Response<UpstreamBody>, Response<ResponseBody>> {
     let mut avoid: Option<String> = None;
     for attempt in 1..=READ_ATTEMPTS {
         let req = crate::resume::rebuild(parts, RequestBody::Buffered(Some(body.clone())));
@@ -284,7 +284,7 @@ pub enum ResponseBody {
     /// to retry on rather than an HTTP/2 error.
     Upstream {
         /// etcd's response body.
-        inner: Incoming,
+        inner: UpstreamBody,
         /// The stream broke and the replacement trailers were sent: nothing more follows.
         failed: bool,
         /// Follows the message prefixes (`--max-recv-bytes`).
@@ -309,7 +309,7 @@ pub enum ResponseBody {
 
 impl ResponseBody {
     /// etcd's body relayed as is, its messages checked against `limits.recv`.
-    pub(crate) fn upstream(inner: Incoming, limits: Limits) -> ResponseBody {
+    pub(crate) fn upstream(inner: UpstreamBody, limits: Limits) -> ResponseBody {
         ResponseBody::Upstream {
             inner,
             failed: false,

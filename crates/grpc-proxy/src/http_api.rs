@@ -27,7 +27,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use prost::Message;
@@ -376,7 +376,7 @@ fn framed(message: &[u8]) -> Bytes {
 }
 
 /// Serves one HTTP/JSON request; `call` serves the gRPC call it becomes.
-pub async fn handle<F, Fut>(req: Request<Incoming>, call: F) -> Response<ResponseBody>
+pub async fn handle<F, Fut>(req: Request<ClientBody>, call: F) -> Response<ResponseBody>
 where
     F: FnOnce(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Response<ResponseBody>>,
@@ -480,7 +480,7 @@ fn parse_timeout(v: &HeaderValue) -> Option<std::time::Duration> {
 }
 
 /// The whole body, at most [`MAX_JSON_BODY`] bytes.
-async fn read_limited(body: &mut Incoming) -> Result<Vec<u8>, Response<ResponseBody>> {
+async fn read_limited(body: &mut ClientBody) -> Result<Vec<u8>, Response<ResponseBody>> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| error(1, &format!("reading the request: {e}")))?;
@@ -506,7 +506,7 @@ struct JsonStream {
 
 impl JsonStream {
     /// The next value; `None` at the end of the body.
-    async fn next(&mut self, body: &mut Incoming) -> Result<Option<serde_json::Value>, String> {
+    async fn next(&mut self, body: &mut ClientBody) -> Result<Option<serde_json::Value>, String> {
         loop {
             let start = self.buf.iter().position(|b| !b.is_ascii_whitespace());
             if let Some(start) = start {
@@ -710,7 +710,7 @@ fn websocket_token(headers: &HeaderMap) -> Option<HeaderValue> {
 /// each text frame is one JSON request, each response one text frame. Unlike etcd 3.5's, auth
 /// works: the token comes from `Sec-WebSocket-Protocol: Bearer, <token>`, the `token` cookie or
 /// `Authorization`.
-pub fn websocket<F, Fut>(mut req: Request<Incoming>, call: F) -> Response<ResponseBody>
+pub fn websocket<F, Fut>(mut req: Request<ClientBody>, call: F) -> Response<ResponseBody>
 where
     F: FnOnce(Request<ClientBody>) -> Fut + Send + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send,

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cluster;
 pub mod dial;
 pub mod forward;
+pub mod h2io;
 pub mod http_api;
 pub mod keepalive;
 mod keyspace;
@@ -33,10 +34,10 @@ pub mod ordering;
 pub mod profiling;
 pub mod resume;
 pub mod rewrite;
+mod serve_h2;
 pub mod upstream;
 pub mod watch;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -44,11 +45,7 @@ use std::time::Duration;
 
 use backend::Endpoint;
 use http_body_util::Either;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -263,18 +260,17 @@ pub async fn serve_with_metrics(
         },
     });
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(config.max_concurrent_streams)
-        // Grows the windows with the measured bandwidth-delay product, as grpc-go does, so a
-        // large range or snapshot is not throttled by the 64 KiB default window.
-        .adaptive_window(true)
-        .keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout);
-    let builder = Arc::new(builder);
+    let server = |port| {
+        Arc::new(serve_h2::Server {
+            service: Routes {
+                state: state.clone(),
+                port,
+            },
+            max_concurrent_streams: config.max_concurrent_streams,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+        })
+    };
     let acceptor = config
         .tls
         .as_ref()
@@ -289,10 +285,8 @@ pub async fn serve_with_metrics(
         let stop = graceful.clone();
         tracker.spawn(accept_loop(
             metrics_listener,
-            Port::Metrics,
             acceptor.clone().filter(|_| config.metrics_tls),
-            state.clone(),
-            builder.clone(),
+            server(Port::Metrics),
             graceful.clone(),
             hard.clone(),
             tracker.clone(),
@@ -301,10 +295,8 @@ pub async fn serve_with_metrics(
     }
     accept_loop(
         listener,
-        Port::Main,
         acceptor,
-        state,
-        builder,
+        server(Port::Main),
         graceful.clone(),
         hard.clone(),
         tracker.clone(),
@@ -360,22 +352,19 @@ type Body = Either<Counted<forward::ResponseBody>, admin::HttpBody>;
 async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::ResponseBody> {
     match &state.member_list {
         Some(cluster) if req.uri().path() == cluster::MEMBER_LIST_PATH => {
-            cluster.member_list(req).await
+            Box::pin(cluster.member_list(req)).await
         }
         _ if let Some(leasing) = &state.leasing
             && leasing::serves(req.uri().path()) =>
         {
-            leasing.handle(req).await
+            Box::pin(leasing.handle(req)).await
         }
-        _ if req.uri().path() == keepalive::PATH => state.keepalives.handle(req).await,
-        _ if req.uri().path() == watch::PATH => state.watches.handle(req).await,
+        _ if req.uri().path() == keepalive::PATH => Box::pin(state.keepalives.handle(req)).await,
+        _ if req.uri().path() == watch::PATH => Box::pin(state.watches.handle(req)).await,
         _ if state.ordering.applies(req.uri().path()) => {
             let rewriter = state.rewriter.as_ref();
             let upstream = &state.admin.upstream;
-            state
-                .ordering
-                .handle(upstream, rewriter, state.limits, req)
-                .await
+            Box::pin(state.ordering.handle(upstream, rewriter, state.limits, req)).await
         }
         // After leasing and ordering: with either flag, they serve the KV calls.
         _ if let Some(cache) = &state.cache
@@ -393,7 +382,7 @@ async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::Resp
                 state.limits,
                 req,
             );
-            cache.auth_enable(forwarded).await
+            Box::pin(cache.auth_enable(forwarded)).await
         }
         _ => {
             forward::handle(
@@ -408,10 +397,25 @@ async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::Resp
     }
 }
 
-async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Response<Body> {
+/// Every request of a port, HTTP/2 or HTTP/1.1, as [`serve_h2`] serves them.
+#[derive(Clone)]
+struct Routes {
+    state: Arc<State>,
+    port: Port,
+}
+
+impl serve_h2::Service for Routes {
+    type Body = Body;
+
+    fn call(&self, req: Request<ClientBody>) -> impl Future<Output = Response<Body>> + Send {
+        route(&self.state, self.port, req)
+    }
+}
+
+async fn route(state: &Arc<State>, port: Port, req: Request<ClientBody>) -> Response<Body> {
     if port == Port::Main && admin::is_grpc(&req) {
         let tracker = state.admin.metrics.start_call(req.uri().path());
-        let resp = grpc(state, req.map(ClientBody::from)).await;
+        let resp = grpc(state, req).await;
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, tracker);
         Response::from_parts(parts, Either::Left(body))
@@ -425,7 +429,9 @@ async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Respon
         let body = Counted::new(body, &parts.headers, None);
         Response::from_parts(parts, Either::Left(body))
     } else if port == Port::Main && http_api::serves(req.uri().path()) {
-        let resp = http_api::handle(req, |call| grpc(state, call)).await;
+        // Boxed, as every path but the gRPC one: a call's future is as large as its largest
+        // path, and is moved whole when a connection takes it in.
+        let resp = Box::pin(http_api::handle(req, |call| grpc(state, call))).await;
         let (parts, body) = resp.into_parts();
         let body = Counted::new(body, &parts.headers, None);
         Response::from_parts(parts, Either::Left(body))
@@ -433,9 +439,11 @@ async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Respon
         && let Some(profiler) = &state.profiler
         && profiling::Profiler::serves(req.uri().path())
     {
-        profiler.handle(&req).await.map(Either::Right)
+        Box::pin(profiler.handle(&req)).await.map(Either::Right)
     } else {
-        admin::handle(&state.admin, req).await.map(Either::Right)
+        Box::pin(admin::handle(&state.admin, req))
+            .await
+            .map(Either::Right)
     }
 }
 
@@ -444,10 +452,8 @@ async fn route(state: &Arc<State>, port: Port, req: Request<Incoming>) -> Respon
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
-    port: Port,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<State>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    server: Arc<serve_h2::Server<Routes>>,
     graceful: CancellationToken,
     hard: CancellationToken,
     tracker: TaskTracker,
@@ -471,18 +477,14 @@ async fn accept_loop(
         };
         // gRPC calls are small request/response pairs: Nagle's delay would add latency.
         let _ = tcp.set_nodelay(true);
-        let state = state.clone();
-        let builder = builder.clone();
+        let server = server.clone();
         let graceful = graceful.clone();
         let hard = hard.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                Box::pin(async move { Ok::<_, Infallible>(route(&state, port, req).await) })
-            });
             let Some(acceptor) = tls else {
-                return serve_connection(tcp, peer, &builder, service, &graceful, &hard).await;
+                let result = server.serve(tcp, false, &graceful, &hard).await;
+                return log_end(peer, result);
             };
             // Bounded, and given up on shutdown: a client that opens a connection and sends
             // nothing must not hold a task (or the drain) forever.
@@ -493,7 +495,8 @@ async fn accept_loop(
             };
             match stream {
                 Ok(Ok(stream)) => {
-                    serve_connection(stream, peer, &builder, service, &graceful, &hard).await
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    log_end(peer, server.serve(stream, h2, &graceful, &hard).await)
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %peer, error = %e, "TLS handshake with a client failed")
@@ -508,39 +511,11 @@ async fn accept_loop(
     }
 }
 
-/// How long a client may take to complete its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves HTTP/1.1 or HTTP/2 on one accepted (and, with TLS, handshaken) connection until it
-/// ends, `graceful` asks it to finish, or `hard` drops it.
-async fn serve_connection<I, S>(
-    io: I,
-    peer: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
-    service: S,
-    graceful: &CancellationToken,
-    hard: &CancellationToken,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = hard.cancelled() => Ok(()),
-            }
-        }
-    };
+fn log_end(peer: SocketAddr, result: Result<(), String>) {
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
     }
 }
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

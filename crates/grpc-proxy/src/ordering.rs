@@ -30,7 +30,7 @@ use etcd_api::etcdserverpb::{
     RequestOp, TxnRequest, TxnResponse, request_op,
 };
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{CONTENT_LENGTH, HeaderMap};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
@@ -44,6 +44,7 @@ use crate::resume::{grpc_status, rebuild};
 use crate::rewrite::{
     Decoder, GRPC_ACCEPT_ENCODING, Limits, RequestBody, Rewriter, Status, encode_message,
 };
+use crate::upstream::UpstreamBody;
 use crate::upstream::{SendError, Upstream};
 
 /// gRPC codes used here.
@@ -463,7 +464,7 @@ enum HeadError {
     /// A message over `--max-recv-bytes` (or over what the proxy decodes, when it must).
     TooLarge(String),
     /// The member's stream broke.
-    Broke(hyper::Error),
+    Broke(h2::Error),
 }
 
 /// The start of a member's answer, read up to its header revision (or whole).
@@ -474,7 +475,7 @@ struct Head {
     /// Follows the message prefixes of the body for `--max-recv-bytes`.
     scan: MessageLimit,
     /// The rest of the body; `None` once it ended.
-    rest: Option<Incoming>,
+    rest: Option<UpstreamBody>,
     /// etcd's trailers, once the body ended.
     trailers: Option<HeaderMap>,
     revision: Option<i64>,
@@ -484,7 +485,7 @@ impl Head {
     /// Reads `resp` until the header revision of its first message is known (or cannot be),
     /// or to its end when `whole`.
     async fn read(
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         limits: Limits,
         whole: bool,
     ) -> Result<Head, HeadError> {
@@ -643,7 +644,7 @@ fn rewrite_response(
 /// A body that sends `first`, then the rest of etcd's body frame by frame, checking message
 /// sizes (`scan` has seen `first`); a broken stream ends with `UNAVAILABLE` trailers, as
 /// [`ResponseBody::Upstream`] does.
-fn pump(first: Option<Bytes>, mut rest: Incoming, mut scan: MessageLimit) -> ResponseBody {
+fn pump(first: Option<Bytes>, mut rest: UpstreamBody, mut scan: MessageLimit) -> ResponseBody {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         if let Some(first) = first

@@ -27,7 +27,7 @@ use etcd_api::v3electionpb::{
     ResignRequest,
 };
 use etcd_api::v3lockpb::{LockRequest, LockResponse, UnlockRequest};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{CONTENT_LENGTH, HeaderName};
 use hyper::{Request, Response};
 use prost::Message;
@@ -520,7 +520,7 @@ impl Transform {
 pub enum RequestBodyError {
     /// The client's stream broke.
     #[error("client stream: {0}")]
-    Client(#[from] hyper::Error),
+    Client(#[from] crate::body::BodyError),
     /// A message was refused; the client gets this status.
     #[error("refused: {}", .0.message)]
     Refused(Status),
@@ -697,7 +697,7 @@ impl Body for RequestStream {
 /// unchanged. Ends with the proxy's status when a request or response message is refused.
 #[derive(Debug)]
 pub struct ResponseStream {
-    inner: Incoming,
+    inner: crate::upstream::UpstreamBody,
     transform: Transform,
     /// The status of a refused request message; `None` once the request ended cleanly.
     refused: Option<oneshot::Receiver<Status>>,

@@ -16,23 +16,34 @@
 //! with one short read lock and never holds a lock across an await. Members that stay keep their
 //! connections; a member that leaves has its tasks stopped and its connections closed.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend::Endpoint;
+use bytes::Bytes;
+use h2::client::{self as h2client, SendRequest};
 use hyper::Request;
 use hyper::Response;
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
+use hyper::body::Body;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use crate::dial::{Alpn, Dialer};
+use crate::h2io::{self, RecvBody};
 use crate::rewrite::RequestBody;
+
+/// The body of a member's response.
+pub type UpstreamBody = RecvBody;
+
+/// Flow-control window of each stream from a member: a large range or snapshot streams at
+/// full speed without waiting for window updates.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Flow-control window of a whole member connection.
+const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// First pause before reconnecting to a member that failed.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -52,8 +63,8 @@ pub enum SendError {
     Failed {
         /// The member the call went to.
         member: String,
-        /// What hyper reported.
-        source: hyper::Error,
+        /// What the HTTP/2 connection reported.
+        source: h2::Error,
     },
 }
 
@@ -80,16 +91,19 @@ struct Slot {
     /// Which of the member's connections this is (for logs).
     connection: usize,
     // Held only to clone or replace the sender (an Arc and a channel handle): never across await.
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    sender: Mutex<Option<SendRequest<Bytes>>>,
+    /// Calls sent on this connection so far: a keep-alive ping goes only to a connection that
+    /// carried calls since the last one, unless `--permit-without-stream`.
+    calls: AtomicU64,
 }
 
 impl Slot {
-    fn ready_sender(&self) -> Option<SendRequest<RequestBody>> {
+    fn ready_sender(&self) -> Option<SendRequest<Bytes>> {
         let guard = self.sender.lock().ok()?;
-        guard.as_ref().filter(|s| s.is_ready()).cloned()
+        guard.clone()
     }
 
-    fn set(&self, sender: Option<SendRequest<RequestBody>>) {
+    fn set(&self, sender: Option<SendRequest<Bytes>>) {
         if let Ok(mut guard) = self.sender.lock() {
             *guard = sender;
         }
@@ -108,7 +122,8 @@ struct MemberSet {
 
 /// What is needed to start the tasks of a member that joins later.
 struct Spawner {
-    builder: http2::Builder<TokioExecutor>,
+    builder: h2client::Builder,
+    keepalive: Keepalive,
     dial_timeout: Duration,
     per_member: usize,
     health_check_interval: Duration,
@@ -153,15 +168,18 @@ impl Upstream {
     /// Builds the member set and starts one task per connection that connects, and reconnects
     /// with backoff whenever the connection fails, until `stop` is cancelled.
     pub fn start(config: &Config, stop: CancellationToken) -> Arc<Upstream> {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        let mut builder = h2client::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(config.dial_keepalive_time)
-            .keep_alive_timeout(config.dial_keepalive_timeout)
-            .keep_alive_while_idle(config.permit_without_stream);
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .enable_push(false);
         let spawner = Spawner {
             builder,
+            keepalive: Keepalive {
+                interval: config.dial_keepalive_time,
+                timeout: config.dial_keepalive_timeout,
+                while_idle: config.permit_without_stream,
+            },
             dial_timeout: config.dial_timeout,
             per_member: config.connections_per_member.max(1),
             health_check_interval: config.health_check_interval,
@@ -201,6 +219,7 @@ impl Upstream {
                 self.clone(),
                 slot.clone(),
                 sp.builder.clone(),
+                sp.keepalive,
                 sp.dialer.clone(),
                 sp.dial_timeout,
             ));
@@ -340,7 +359,10 @@ impl Upstream {
     /// body and trailers stream on). A call refused by a connection before anything was sent
     /// moves on to the next member; when no member is connected, waits up to
     /// [`Config::connect_wait`] for one.
-    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         self.dispatch(req, None).await.map(|(resp, _)| resp)
     }
 
@@ -350,7 +372,7 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
         avoid: Option<&str>,
-    ) -> Result<(Response<Incoming>, Serving), SendError> {
+    ) -> Result<(Response<UpstreamBody>, Serving), SendError> {
         self.dispatch(req, avoid)
             .await
             .map(|(resp, member)| (resp, Serving { member }))
@@ -360,7 +382,7 @@ impl Upstream {
         &self,
         mut req: Request<RequestBody>,
         avoid: Option<&str>,
-    ) -> Result<(Response<Incoming>, Arc<Member>), SendError> {
+    ) -> Result<(Response<UpstreamBody>, Arc<Member>), SendError> {
         let mut waited = false;
         loop {
             let set = self.snapshot();
@@ -389,24 +411,36 @@ impl Upstream {
                     let Some(mut sender) = slot.ready_sender() else {
                         continue;
                     };
-                    set_authority(&mut req, &member.authority, member.tls);
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, member.clone())),
-                        Err(mut err) => match err.take_message() {
-                            // The connection closed before the call was written: nothing
-                            // reached etcd, so the next member may have it.
-                            Some(back) => {
-                                tracing::debug!(member = %member.name, error = %err.error(), "connection refused a call before sending it; trying the next member");
-                                req = back;
-                            }
-                            None => {
-                                return Err(SendError::Failed {
-                                    member: member.name.clone(),
-                                    source: err.into_error(),
-                                });
-                            }
-                        },
+                    // Waits only while the member's stream limit is reached. A connection
+                    // that fails here took nothing: the next member may have the call.
+                    if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+                        tracing::debug!(member = %member.name, error = %e, "connection refused a call before sending it; trying the next member");
+                        continue;
                     }
+                    set_authority(&mut req, &member.authority, member.tls);
+                    slot.calls.fetch_add(1, Ordering::Relaxed);
+                    let (parts, body) = req.into_parts();
+                    let eos = body.is_end_stream();
+                    let sent = sender.send_request(Request::from_parts(parts, ()), eos);
+                    let (response, stream) = match sent {
+                        Ok(sent) => sent,
+                        Err(source) => {
+                            return Err(SendError::Failed {
+                                member: member.name.clone(),
+                                source,
+                            });
+                        }
+                    };
+                    if !eos {
+                        h2io::spawn_pipe(body, stream);
+                    }
+                    return match response.await {
+                        Ok(resp) => Ok((resp.map(RecvBody::new), member.clone())),
+                        Err(source) => Err(SendError::Failed {
+                            member: member.name.clone(),
+                            source,
+                        }),
+                    };
                 }
             }
             if waited || self.connect_wait.is_zero() || total == 0 {
@@ -480,6 +514,7 @@ fn layout(members: Vec<Arc<Member>>, old: &[Arc<Slot>], per_member: usize) -> Me
                     member: member.clone(),
                     connection,
                     sender: Mutex::new(None),
+                    calls: AtomicU64::new(0),
                 }),
             });
         }
@@ -557,13 +592,27 @@ fn set_authority(req: &mut Request<RequestBody>, authority: &Authority, tls: boo
     }
 }
 
+/// `--dial-keepalive-*` and `--permit-without-stream`: HTTP/2 pings to members.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    /// Interval between pings; `None` sends none.
+    interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is dropped.
+    timeout: Duration,
+    /// Ping also a connection that carried no call since the last ping. etcd (grpc-go) counts
+    /// such pings against a client that did not ask for this, and closes its connection
+    /// (`too_many_pings`) after a few.
+    while_idle: bool,
+}
+
 /// Keeps `slot` connected: connect, publish the sender, drive the connection until it ends,
 /// then retry with exponential backoff (jittered so members restarting together are not hit in
 /// lockstep). Ends when the member leaves the set or the proxy stops.
 async fn maintain(
     upstream: Arc<Upstream>,
     slot: Arc<Slot>,
-    builder: http2::Builder<TokioExecutor>,
+    builder: h2client::Builder,
+    keepalive: Keepalive,
     dialer: Dialer,
     dial_timeout: Duration,
 ) {
@@ -593,7 +642,7 @@ async fn maintain(
                         slot.set(None);
                         return;
                     }
-                    r = conn => r,
+                    r = drive(conn, &slot, keepalive) => r,
                 };
                 slot.set(None);
                 down = true;
@@ -625,8 +674,52 @@ async fn maintain(
     }
 }
 
-type Connection =
-    http2::Connection<TokioIo<backend::tls::MemberStream>, RequestBody, TokioExecutor>;
+/// Why a member connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnd {
+    #[error("{0}")]
+    H2(#[from] h2::Error),
+    #[error("keep-alive ping unanswered for {0:?}")]
+    PingTimeout(Duration),
+}
+
+/// Drives a member connection until it ends, pinging it as `keepalive` says.
+async fn drive(
+    mut conn: Connection,
+    slot: &Slot,
+    keepalive: Keepalive,
+) -> Result<(), ConnectionEnd> {
+    let (Some(interval), Some(mut pings)) = (keepalive.interval, conn.ping_pong()) else {
+        return Ok(conn.await?);
+    };
+    let mut conn = std::pin::pin!(conn);
+    let mut seen = slot.calls.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r?),
+            () = tokio::time::sleep(interval) => {}
+        }
+        let now = slot.calls.load(Ordering::Relaxed);
+        if now == seen && !keepalive.while_idle {
+            continue;
+        }
+        seen = now;
+        let ping = async {
+            pings.send_ping(h2::Ping::opaque())?;
+            poll_fn(|cx| pings.poll_pong(cx)).await
+        };
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r?),
+            r = tokio::time::timeout(keepalive.timeout, ping) => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(ConnectionEnd::PingTimeout(keepalive.timeout)),
+            },
+        }
+    }
+}
+
+type Connection = h2client::Connection<backend::tls::MemberStream, Bytes>;
 
 /// Why a connection to a member could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -636,18 +729,18 @@ enum ConnectError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[from] hyper::Error),
+    Handshake(#[from] h2::Error),
 }
 
 async fn connect(
     dialer: &Dialer,
     endpoint: &Endpoint,
-    builder: &http2::Builder<TokioExecutor>,
+    builder: &h2client::Builder,
     dial_timeout: Duration,
-) -> Result<(SendRequest<RequestBody>, Connection), ConnectError> {
+) -> Result<(SendRequest<Bytes>, Connection), ConnectError> {
     let dial = async {
         let stream = dialer.connect(endpoint, Alpn::H2).await?;
-        Ok::<_, ConnectError>(builder.handshake(TokioIo::new(stream)).await?)
+        Ok::<_, ConnectError>(builder.handshake(stream).await?)
     };
     tokio::time::timeout(dial_timeout, dial)
         .await
