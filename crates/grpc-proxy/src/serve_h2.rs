@@ -62,7 +62,7 @@ pub(crate) trait Service: Clone + Send + Sync + 'static {
 
 impl<S: Service> Server<S> {
     /// Serves `io` until the client closes it, `graceful` asks it to finish (GOAWAY, then the
-    /// open calls end), or `hard` drops it. `h2` says the protocol is HTTP/2 (TLS ALPN);
+    /// open calls end), or `hard` drops it. `alpn_h2` says TLS ALPN chose HTTP/2;
     /// otherwise the first bytes tell.
     pub async fn serve<I>(
         &self,

@@ -98,7 +98,7 @@ struct Slot {
 }
 
 impl Slot {
-    fn ready_sender(&self) -> Option<SendRequest<Bytes>> {
+    fn sender(&self) -> Option<SendRequest<Bytes>> {
         let guard = self.sender.lock().ok()?;
         guard.clone()
     }
@@ -408,7 +408,7 @@ impl Upstream {
                     if !wanted {
                         continue;
                     }
-                    let Some(mut sender) = slot.ready_sender() else {
+                    let Some(mut sender) = slot.sender() else {
                         continue;
                     };
                     // Waits only while the member's stream limit is reached. A connection
@@ -450,7 +450,7 @@ impl Upstream {
             // Subscribe before looking again, so a connection that comes up in between is not
             // missed.
             let mut changed = self.connected.subscribe();
-            if set.slots.iter().any(|s| s.ready_sender().is_some()) {
+            if set.slots.iter().any(|s| s.sender().is_some()) {
                 continue;
             }
             let _ = tokio::time::timeout(self.connect_wait, changed.changed()).await;
