@@ -71,6 +71,10 @@ pub async fn run(args: GrpcProxyStartArgs) -> Result<(), ExitError> {
         positive("--grpc-keepalive-interval", args.grpc_keepalive_interval)?;
     config.keepalive_timeout = positive("--grpc-keepalive-timeout", args.grpc_keepalive_timeout)?
         .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT);
+    // 0 is grpc-go's own default, 5 minutes, as etcd passes it on.
+    config.keepalive_min_time =
+        positive("--grpc-keepalive-min-time", args.grpc_keepalive_min_time)?
+            .unwrap_or(Duration::from_secs(5 * 60));
     config.advertise_client_url = args.advertise_client_url.clone();
     config.hostname = hostname();
     // `validate` has checked that the prefix comes with a TTL of at least 1 and an advertise URL.

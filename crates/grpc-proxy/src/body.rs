@@ -10,13 +10,13 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
 
-use crate::h2io::RecvBody;
+use crate::http2::{StreamBody, StreamError};
 
 /// A gRPC call's request body.
 #[derive(Debug)]
 pub enum ClientBody {
-    /// From a client's HTTP/2 connection (served with `h2`, [`crate::serve_h2`]).
-    H2(RecvBody),
+    /// From a client's HTTP/2 connection (served by [`crate::http2`]).
+    H2(StreamBody),
     /// From a client's HTTP/1.1 connection (served with hyper).
     Http(Incoming),
     /// Framed gRPC messages written by the proxy; the sender's drop ends the body
@@ -28,7 +28,7 @@ pub enum ClientBody {
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("{0}")]
-    H2(#[from] h2::Error),
+    H2(#[from] StreamError),
     #[error("{0}")]
     Http(#[from] hyper::Error),
 }

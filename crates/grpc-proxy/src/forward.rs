@@ -102,6 +102,11 @@ pub fn route(path: &str, namespaced: bool) -> Handler {
     }
 }
 
+/// The answer to a call whose method path has no leading `/` (grpc-go's, trailers-only).
+pub(crate) fn malformed_method() -> Response<ResponseBody> {
+    status_response(UNIMPLEMENTED, MALFORMED_METHOD)
+}
+
 /// Serves one call; `rewriter` is set when calls may need rewriting (`--namespace`); `cluster`
 /// makes the proxy's own calls (the lease check under a namespace).
 pub async fn handle(

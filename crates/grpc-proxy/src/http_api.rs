@@ -450,11 +450,17 @@ where
     if route.kind == Kind::Unary {
         // The deadline is enforced here too, as the gateway's gRPC client does: etcd may
         // answer a passed deadline as Unknown, the client sees DeadlineExceeded.
+        // An answer that arrives after the deadline is the deadline's error as well (the
+        // timer's granularity is a millisecond; etcd may answer a 1ns deadline before it fires).
         let answer = async { unary_answer(route, call(grpc).await).await };
         return match deadline {
-            Some(d) => tokio::time::timeout(d, answer)
-                .await
-                .unwrap_or_else(|_| error(4, "context deadline exceeded")),
+            Some(d) => {
+                let end = tokio::time::Instant::now() + d;
+                match tokio::time::timeout_at(end, answer).await {
+                    Ok(answer) if tokio::time::Instant::now() < end => answer,
+                    _ => error(4, "context deadline exceeded"),
+                }
+            }
             None => answer.await,
         };
     }

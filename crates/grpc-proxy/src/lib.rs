@@ -20,7 +20,7 @@ pub mod cache;
 pub mod cluster;
 pub mod dial;
 pub mod forward;
-pub mod h2io;
+pub(crate) mod http2;
 pub mod http_api;
 pub mod keepalive;
 mod keyspace;
@@ -34,7 +34,7 @@ pub mod ordering;
 pub mod profiling;
 pub mod resume;
 pub mod rewrite;
-mod serve_h2;
+mod serve;
 pub mod upstream;
 pub mod watch;
 
@@ -85,6 +85,9 @@ pub struct Config {
     /// `--grpc-keepalive-timeout`: how long a ping to a client may go unanswered before its
     /// connection is closed.
     pub keepalive_timeout: Duration,
+    /// `--grpc-keepalive-min-time`: how often a client with calls open may ping; a client
+    /// pinging more often gets GOAWAY `too_many_pings`.
+    pub keepalive_min_time: Duration,
     /// After the shutdown future resolves: how long open client connections may finish their
     /// calls (watches never finish on their own) before they are closed.
     pub drain_timeout: Duration,
@@ -143,6 +146,7 @@ impl Config {
             max_concurrent_streams: u32::MAX,
             keepalive_interval: Some(Duration::from_secs(2 * 60 * 60)),
             keepalive_timeout: Duration::from_secs(20),
+            keepalive_min_time: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),
             namespace: None,
@@ -261,14 +265,17 @@ pub async fn serve_with_metrics(
     });
 
     let server = |port| {
-        Arc::new(serve_h2::Server {
+        Arc::new(serve::Server {
             service: Routes {
                 state: state.clone(),
                 port,
             },
-            max_concurrent_streams: config.max_concurrent_streams,
-            keepalive_interval: config.keepalive_interval,
-            keepalive_timeout: config.keepalive_timeout,
+            http2: http2::Settings {
+                max_concurrent_streams: config.max_concurrent_streams,
+                keepalive_interval: config.keepalive_interval,
+                keepalive_timeout: config.keepalive_timeout,
+                keepalive_min_time: config.keepalive_min_time,
+            },
         })
     };
     let acceptor = config
@@ -397,14 +404,14 @@ async fn grpc(state: &State, req: Request<ClientBody>) -> Response<forward::Resp
     }
 }
 
-/// Every request of a port, HTTP/2 or HTTP/1.1, as [`serve_h2`] serves them.
+/// Every request of a port, HTTP/2 or HTTP/1.1, as [`serve`] serves them.
 #[derive(Clone)]
 struct Routes {
     state: Arc<State>,
     port: Port,
 }
 
-impl serve_h2::Service for Routes {
+impl serve::Service for Routes {
     type Body = Body;
 
     fn call(&self, req: Request<ClientBody>) -> impl Future<Output = Response<Body>> + Send {
@@ -453,7 +460,7 @@ async fn route(state: &Arc<State>, port: Port, req: Request<ClientBody>) -> Resp
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    server: Arc<serve_h2::Server<Routes>>,
+    server: Arc<serve::Server<Routes>>,
     graceful: CancellationToken,
     hard: CancellationToken,
     tracker: TaskTracker,

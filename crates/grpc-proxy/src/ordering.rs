@@ -464,7 +464,7 @@ enum HeadError {
     /// A message over `--max-recv-bytes` (or over what the proxy decodes, when it must).
     TooLarge(String),
     /// The member's stream broke.
-    Broke(h2::Error),
+    Broke(crate::http2::StreamError),
 }
 
 /// The start of a member's answer, read up to its header revision (or whole).

@@ -17,33 +17,25 @@
 //! connections; a member that leaves has its tasks stopped and its connections closed.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend::Endpoint;
-use bytes::Bytes;
-use h2::client::{self as h2client, SendRequest};
 use hyper::Request;
 use hyper::Response;
-use hyper::body::Body;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use crate::dial::{Alpn, Dialer};
-use crate::h2io::{self, RecvBody};
+use crate::http2::StreamError;
+use crate::http2::client::{self as h2client, Keepalive, SendHandle};
 use crate::rewrite::RequestBody;
 
 /// The body of a member's response.
-pub type UpstreamBody = RecvBody;
-
-/// Flow-control window of each stream from a member: a large range or snapshot streams at
-/// full speed without waiting for window updates.
-const STREAM_WINDOW: u32 = 1 << 20;
-/// Flow-control window of a whole member connection.
-const CONNECTION_WINDOW: u32 = 4 << 20;
+pub type UpstreamBody = crate::http2::StreamBody;
 
 /// First pause before reconnecting to a member that failed.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -64,7 +56,7 @@ pub enum SendError {
         /// The member the call went to.
         member: String,
         /// What the HTTP/2 connection reported.
-        source: h2::Error,
+        source: StreamError,
     },
 }
 
@@ -91,19 +83,16 @@ struct Slot {
     /// Which of the member's connections this is (for logs).
     connection: usize,
     // Held only to clone or replace the sender (an Arc and a channel handle): never across await.
-    sender: Mutex<Option<SendRequest<Bytes>>>,
-    /// Calls sent on this connection so far: a keep-alive ping goes only to a connection that
-    /// carried calls since the last one, unless `--permit-without-stream`.
-    calls: AtomicU64,
+    sender: Mutex<Option<SendHandle>>,
 }
 
 impl Slot {
-    fn sender(&self) -> Option<SendRequest<Bytes>> {
+    fn sender(&self) -> Option<SendHandle> {
         let guard = self.sender.lock().ok()?;
         guard.clone()
     }
 
-    fn set(&self, sender: Option<SendRequest<Bytes>>) {
+    fn set(&self, sender: Option<SendHandle>) {
         if let Ok(mut guard) = self.sender.lock() {
             *guard = sender;
         }
@@ -122,7 +111,6 @@ struct MemberSet {
 
 /// What is needed to start the tasks of a member that joins later.
 struct Spawner {
-    builder: h2client::Builder,
     keepalive: Keepalive,
     dial_timeout: Duration,
     per_member: usize,
@@ -168,13 +156,7 @@ impl Upstream {
     /// Builds the member set and starts one task per connection that connects, and reconnects
     /// with backoff whenever the connection fails, until `stop` is cancelled.
     pub fn start(config: &Config, stop: CancellationToken) -> Arc<Upstream> {
-        let mut builder = h2client::Builder::new();
-        builder
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .enable_push(false);
         let spawner = Spawner {
-            builder,
             keepalive: Keepalive {
                 interval: config.dial_keepalive_time,
                 timeout: config.dial_keepalive_timeout,
@@ -218,7 +200,6 @@ impl Upstream {
             tokio::spawn(maintain(
                 self.clone(),
                 slot.clone(),
-                sp.builder.clone(),
                 sp.keepalive,
                 sp.dialer.clone(),
                 sp.dial_timeout,
@@ -408,7 +389,7 @@ impl Upstream {
                     if !wanted {
                         continue;
                     }
-                    let Some(mut sender) = slot.sender() else {
+                    let Some(sender) = slot.sender() else {
                         continue;
                     };
                     // Waits only while the member's stream limit is reached. A connection
@@ -418,12 +399,9 @@ impl Upstream {
                         continue;
                     }
                     set_authority(&mut req, &member.authority, member.tls);
-                    slot.calls.fetch_add(1, Ordering::Relaxed);
                     let (parts, body) = req.into_parts();
-                    let eos = body.is_end_stream();
-                    let sent = sender.send_request(Request::from_parts(parts, ()), eos);
-                    let (response, stream) = match sent {
-                        Ok(sent) => sent,
+                    let response = match sender.send(parts, body) {
+                        Ok(response) => response,
                         Err(source) => {
                             return Err(SendError::Failed {
                                 member: member.name.clone(),
@@ -431,11 +409,8 @@ impl Upstream {
                             });
                         }
                     };
-                    if !eos {
-                        h2io::spawn_pipe(body, stream);
-                    }
                     return match response.await {
-                        Ok(resp) => Ok((resp.map(RecvBody::new), member.clone())),
+                        Ok(resp) => Ok((resp, member.clone())),
                         Err(source) => Err(SendError::Failed {
                             member: member.name.clone(),
                             source,
@@ -514,7 +489,6 @@ fn layout(members: Vec<Arc<Member>>, old: &[Arc<Slot>], per_member: usize) -> Me
                     member: member.clone(),
                     connection,
                     sender: Mutex::new(None),
-                    calls: AtomicU64::new(0),
                 }),
             });
         }
@@ -592,26 +566,12 @@ fn set_authority(req: &mut Request<RequestBody>, authority: &Authority, tls: boo
     }
 }
 
-/// `--dial-keepalive-*` and `--permit-without-stream`: HTTP/2 pings to members.
-#[derive(Debug, Clone, Copy)]
-struct Keepalive {
-    /// Interval between pings; `None` sends none.
-    interval: Option<Duration>,
-    /// How long a ping may go unanswered before the connection is dropped.
-    timeout: Duration,
-    /// Ping also a connection that carried no call since the last ping. etcd (grpc-go) counts
-    /// such pings against a client that did not ask for this, and closes its connection
-    /// (`too_many_pings`) after a few.
-    while_idle: bool,
-}
-
 /// Keeps `slot` connected: connect, publish the sender, drive the connection until it ends,
 /// then retry with exponential backoff (jittered so members restarting together are not hit in
 /// lockstep). Ends when the member leaves the set or the proxy stops.
 async fn maintain(
     upstream: Arc<Upstream>,
     slot: Arc<Slot>,
-    builder: h2client::Builder,
     keepalive: Keepalive,
     dialer: Dialer,
     dial_timeout: Duration,
@@ -625,7 +585,7 @@ async fn maintain(
     loop {
         let attempt = tokio::select! {
             () = stop.cancelled() => return,
-            r = connect(&dialer, &member.endpoint, &builder, dial_timeout) => r,
+            r = connect(&dialer, &member.endpoint, keepalive, dial_timeout) => r,
         };
         match attempt {
             Ok((sender, conn)) => {
@@ -642,7 +602,7 @@ async fn maintain(
                         slot.set(None);
                         return;
                     }
-                    r = drive(conn, &slot, keepalive) => r,
+                    r = conn => r,
                 };
                 slot.set(None);
                 down = true;
@@ -674,52 +634,7 @@ async fn maintain(
     }
 }
 
-/// Why a member connection ended.
-#[derive(Debug, thiserror::Error)]
-enum ConnectionEnd {
-    #[error("{0}")]
-    H2(#[from] h2::Error),
-    #[error("keep-alive ping unanswered for {0:?}")]
-    PingTimeout(Duration),
-}
-
-/// Drives a member connection until it ends, pinging it as `keepalive` says.
-async fn drive(
-    mut conn: Connection,
-    slot: &Slot,
-    keepalive: Keepalive,
-) -> Result<(), ConnectionEnd> {
-    let (Some(interval), Some(mut pings)) = (keepalive.interval, conn.ping_pong()) else {
-        return Ok(conn.await?);
-    };
-    let mut conn = std::pin::pin!(conn);
-    let mut seen = slot.calls.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return Ok(r?),
-            () = tokio::time::sleep(interval) => {}
-        }
-        let now = slot.calls.load(Ordering::Relaxed);
-        if now == seen && !keepalive.while_idle {
-            continue;
-        }
-        seen = now;
-        let ping = async {
-            pings.send_ping(h2::Ping::opaque())?;
-            poll_fn(|cx| pings.poll_pong(cx)).await
-        };
-        tokio::select! {
-            r = conn.as_mut() => return Ok(r?),
-            r = tokio::time::timeout(keepalive.timeout, ping) => match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => return Err(ConnectionEnd::PingTimeout(keepalive.timeout)),
-            },
-        }
-    }
-}
-
-type Connection = h2client::Connection<backend::tls::MemberStream, Bytes>;
+type Connection = h2client::Connection<backend::tls::MemberStream>;
 
 /// Why a connection to a member could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -728,19 +643,17 @@ enum ConnectError {
     Timeout(Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[from] h2::Error),
 }
 
 async fn connect(
     dialer: &Dialer,
     endpoint: &Endpoint,
-    builder: &h2client::Builder,
+    keepalive: Keepalive,
     dial_timeout: Duration,
-) -> Result<(SendRequest<Bytes>, Connection), ConnectError> {
+) -> Result<(SendHandle, Connection), ConnectError> {
     let dial = async {
         let stream = dialer.connect(endpoint, Alpn::H2).await?;
-        Ok::<_, ConnectError>(builder.handshake(stream).await?)
+        Ok::<_, ConnectError>(h2client::handshake(stream, keepalive))
     };
     tokio::time::timeout(dial_timeout, dial)
         .await

@@ -1,0 +1,269 @@
+//! The proxy's own HTTP/2 server, frame by frame, with a raw HTTP/2 client (loopback TCP and
+//! hand-written frames, since client libraries hide what these tests look at): keep-alive pings
+//! to clients (`--grpc-keepalive-interval`/`-timeout`), etcd's ping policy
+//! (`--grpc-keepalive-min-time`, checked against etcd itself), `--max-concurrent-streams`, and a
+//! `:path` no client library can send.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::start_grpc_proxy;
+use testkit::Cluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const DATA: u8 = 0x0;
+const END_STREAM: u8 = 0x1;
+const GOAWAY: u8 = 0x7;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const REFUSED_STREAM: u32 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// An HTTP/2 client connection driven by hand.
+struct Raw {
+    tcp: TcpStream,
+    read: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects and sends the preface and an empty SETTINGS frame.
+    async fn connect(addr: &str) -> Raw {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut raw = Raw {
+            tcp,
+            read: Vec::new(),
+        };
+        raw.tcp.write_all(PREFACE).await.expect("preface");
+        raw.send(SETTINGS, 0, 0, &[]).await;
+        raw
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        // The peer may have closed the connection: what it sent is read next.
+        let _ = self.tcp.write_all(&frame).await;
+    }
+
+    /// The next frame (SETTINGS are acknowledged on the way), or `None` when the connection
+    /// closed; panics if nothing comes within `within`.
+    async fn next(&mut self, within: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.read.len() >= 9 {
+                let len = (usize::from(self.read[0]) << 16)
+                    | (usize::from(self.read[1]) << 8)
+                    | usize::from(self.read[2]);
+                if self.read.len() >= 9 + len {
+                    let bytes: Vec<u8> = self.read.drain(..9 + len).collect();
+                    let frame = Frame {
+                        kind: bytes[3],
+                        flags: bytes[4],
+                        stream: u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]])
+                            & 0x7fff_ffff,
+                        payload: bytes[9..].to_vec(),
+                    };
+                    if frame.kind == SETTINGS && frame.flags & ACK == 0 {
+                        self.send(SETTINGS, ACK, 0, &[]).await;
+                    }
+                    return Some(frame);
+                }
+            }
+            let mut chunk = [0u8; 16 << 10];
+            let n = tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk))
+                .await
+                .expect("a frame or the end of the connection in time");
+            match n {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.read.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Frames until `want` matches one (returned) or the connection closes (`None`).
+    async fn until(&mut self, within: Duration, want: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = self.next(left).await?;
+            if want(&frame) {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Opens stream `id` with a gRPC call's headers (literals, no Huffman) and no body yet: the
+    /// call stays open, waiting for its request.
+    async fn open_call(&mut self, id: u32, path: &str) {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "proxy"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            block.push(0x00);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        self.send(HEADERS, END_HEADERS, id, &block).await;
+    }
+}
+
+fn code_of(frame: &Frame, at: usize) -> u32 {
+    u32::from_be_bytes(frame.payload[at..at + 4].try_into().expect("4 bytes"))
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_disconnected() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(
+        &cluster,
+        &[
+            "--grpc-keepalive-interval=200ms",
+            "--grpc-keepalive-timeout=300ms",
+        ],
+    );
+    // A client that does not answer is pinged after the interval, then closed after the
+    // timeout.
+    let start = Instant::now();
+    let mut silent = Raw::connect(&addr).await;
+    let ping = silent
+        .until(Duration::from_secs(3), |f| f.kind == PING)
+        .await;
+    assert!(ping.is_some(), "the silent client is pinged first");
+    let end = silent.until(Duration::from_secs(5), |_| false).await;
+    assert!(end.is_none(), "closed");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "closed after the interval and the timeout, not sooner: {waited:?}"
+    );
+    // A client that answers stays connected: it is pinged again and again.
+    let mut live = Raw::connect(&addr).await;
+    for _ in 0..4 {
+        let ping = live
+            .until(Duration::from_secs(3), |f| f.kind == PING)
+            .await
+            .expect("pinged, not closed");
+        assert_eq!(ping.flags & ACK, 0, "a ping, not an answer");
+        live.send(PING, ACK, 0, &ping.payload).await;
+    }
+}
+
+/// Pings `raw` every `every` until it sends GOAWAY (returned) or `pings` were sent.
+async fn ping_flood(raw: &mut Raw, pings: usize, every: Duration) -> Option<Frame> {
+    for i in 0..pings {
+        raw.send(PING, 0, 0, &(i as u64).to_be_bytes()).await;
+        tokio::time::sleep(every).await;
+        loop {
+            // What has arrived so far: ping answers, settings, or the GOAWAY.
+            match tokio::time::timeout(Duration::from_millis(20), raw.next(Duration::from_secs(5)))
+                .await
+            {
+                Ok(Some(f)) if f.kind == GOAWAY => return Some(f),
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(_) => break,
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn pinging_more_often_than_etcd_allows_gets_too_many_pings_as_from_etcd() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(&cluster, &["--grpc-keepalive-min-time=10s"]);
+    let member = cluster.member(0).client_endpoint().to_string();
+    // No call open: pings more often than every 2 hours are too many, for etcd and the proxy.
+    for target in [&member, &addr] {
+        let mut raw = Raw::connect(target).await;
+        let goaway = ping_flood(&mut raw, 10, Duration::from_millis(30))
+            .await
+            .unwrap_or_else(|| panic!("{target}: no GOAWAY after 10 pings"));
+        assert_eq!(code_of(&goaway, 4), ENHANCE_YOUR_CALM, "{target}");
+        assert_eq!(&goaway.payload[8..], b"too_many_pings", "{target}");
+    }
+    // A call open: every 10 s at most (`--grpc-keepalive-min-time`).
+    let mut raw = Raw::connect(&addr).await;
+    raw.open_call(1, "/etcdserverpb.KV/Range").await;
+    let goaway = ping_flood(&mut raw, 10, Duration::from_millis(30)).await;
+    assert!(goaway.is_some(), "pings every 30 ms with a call open");
+    // With a minimum under the interval, the same pings are fine.
+    let (_lenient, lenient_addr) = start_grpc_proxy(&cluster, &["--grpc-keepalive-min-time=10ms"]);
+    let mut raw = Raw::connect(&lenient_addr).await;
+    raw.open_call(1, "/etcdserverpb.KV/Range").await;
+    let goaway = ping_flood(&mut raw, 10, Duration::from_millis(30)).await;
+    assert!(goaway.is_none(), "{goaway:?}");
+}
+
+#[tokio::test]
+async fn calls_over_max_concurrent_streams_are_refused() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(&cluster, &["--max-concurrent-streams=2"]);
+    let mut raw = Raw::connect(&addr).await;
+    let settings = raw
+        .until(Duration::from_secs(5), |f| {
+            f.kind == SETTINGS && f.flags & ACK == 0
+        })
+        .await
+        .expect("the proxy's settings");
+    let advertised = settings
+        .payload
+        .chunks(6)
+        .find(|s| s[..2] == [0, 3])
+        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    assert_eq!(advertised, Some(2), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    for id in [1, 3, 5] {
+        raw.open_call(id, "/etcdserverpb.KV/Range").await;
+    }
+    let reset = raw
+        .until(Duration::from_secs(5), |f| f.kind == RST_STREAM)
+        .await
+        .expect("a reset");
+    assert_eq!((reset.stream, code_of(&reset, 0)), (5, REFUSED_STREAM));
+}
+
+#[tokio::test]
+async fn a_path_without_its_leading_slash_is_unimplemented_not_forwarded() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(&cluster, &["--namespace=/tenant/"]);
+    let mut raw = Raw::connect(&addr).await;
+    // grpc-go before 1.79.3 would route this path; forwarded as bytes it would skip the
+    // namespace. An empty Range request, framed.
+    raw.open_call(1, "etcdserverpb.KV/Range").await;
+    raw.send(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]).await;
+    let answer = raw
+        .until(Duration::from_secs(5), |f| {
+            f.kind == HEADERS && f.stream == 1
+        })
+        .await
+        .expect("an answer");
+    assert_ne!(answer.flags & END_STREAM, 0, "trailers-only: {answer:?}");
+    // The proxy writes header values as plain literals (no Huffman), so they can be read here.
+    let block = String::from_utf8_lossy(&answer.payload);
+    assert!(block.contains("grpc-status\u{2}12"), "{block:?}");
+    assert!(block.contains("malformed method name"), "{block:?}");
+}
