@@ -2,13 +2,14 @@
 //! hand-written frames, since client libraries hide what these tests look at): keep-alive pings
 //! to clients (`--grpc-keepalive-interval`/`-timeout`), etcd's ping policy
 //! (`--grpc-keepalive-min-time`, checked against etcd itself), `--max-concurrent-streams`, and a
-//! `:path` no client library can send.
+//! `:path` no client library can send. And the multi-thread runtime (`TOKIO_WORKER_THREADS`),
+//! where each call is a task of its own writing into its connection from another thread.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::start_grpc_proxy;
+use common::{ProxyProcess, start_grpc_proxy};
 use testkit::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -266,4 +267,66 @@ async fn a_path_without_its_leading_slash_is_unimplemented_not_forwarded() {
     let block = String::from_utf8_lossy(&answer.payload);
     assert!(block.contains("grpc-status\u{2}12"), "{block:?}");
     assert!(block.contains("malformed method name"), "{block:?}");
+}
+
+#[tokio::test]
+async fn the_multi_thread_runtime_serves_calls_streams_and_large_values() {
+    let cluster = Cluster::start(1).await;
+    let endpoints = format!("--endpoints={}", cluster.client_urls().join(","));
+    let proxy = ProxyProcess::start_with_env(
+        &[
+            "grpc-proxy",
+            "start",
+            "--listen-addr=127.0.0.1:0",
+            &endpoints,
+        ],
+        &[("TOKIO_WORKER_THREADS", "2")],
+        "started gRPC proxy",
+    );
+    let addr = proxy.grpc_address();
+    let mut watcher = common::etcd_client(std::slice::from_ref(&addr)).await;
+    let mut events = watcher
+        .watch("mt/", Some(etcd_client::WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
+    // 8 clients on their own connections, 25 puts and reads each, at once.
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::etcd_client(&[addr]).await;
+            for i in 0..25 {
+                let key = format!("mt/{c}/{i}");
+                client
+                    .put(key.as_str(), format!("v{c}-{i}"), None)
+                    .await
+                    .expect("put");
+                let got = client.get(key.as_str(), None).await.expect("get");
+                assert_eq!(got.kvs()[0].value_str().unwrap(), format!("v{c}-{i}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    // Every put reached the watcher.
+    let mut seen = 0;
+    while seen < 200 {
+        let resp = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("events in time")
+            .expect("watch stream")
+            .expect("open");
+        seen += resp.events().len();
+    }
+    assert_eq!(seen, 200);
+    // A value of 1.2 MiB each way: more than the windows a peer starts with (64 KiB).
+    let big = "x".repeat(1200 << 10);
+    let mut client = common::etcd_client(&[addr]).await;
+    client
+        .put("mt-big", big.as_str(), None)
+        .await
+        .expect("big put");
+    let got = client.get("mt-big", None).await.expect("big get");
+    assert_eq!(got.kvs()[0].value().len(), big.len());
 }

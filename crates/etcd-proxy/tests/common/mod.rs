@@ -20,10 +20,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_etcd-proxy")
 }
 
-/// `etcd-proxy <args>` with stdout and stderr piped, stdin closed.
-fn spawn(args: &[&str]) -> Child {
+/// `etcd-proxy <args>` with stdout and stderr piped, stdin closed, and `env` added.
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(binary())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -34,7 +35,12 @@ fn spawn(args: &[&str]) -> Child {
 impl ProxyProcess {
     /// Starts `etcd-proxy <args>` and waits (up to 30 s) for a log line containing `ready_msg`.
     pub fn start(args: &[&str], ready_msg: &str) -> ProxyProcess {
-        let mut child = spawn(args);
+        ProxyProcess::start_with_env(args, &[], ready_msg)
+    }
+
+    /// [`ProxyProcess::start`] with `env` added to the environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], ready_msg: &str) -> ProxyProcess {
+        let mut child = spawn(args, env);
         let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stderr.take().expect("stderr piped")) as Box<dyn std::io::Read + Send>,
@@ -153,7 +159,7 @@ impl Drop for ProxyProcess {
 
 /// Runs `etcd-proxy <args>` to completion (for flag errors); returns (code, stdout+stderr).
 pub fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let mut child = spawn(args);
+    let mut child = spawn(args, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if child.try_wait().expect("try_wait").is_some() {
