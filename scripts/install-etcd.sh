@@ -17,7 +17,11 @@ installed() {
     for b in "${BINARIES[@]}"; do
         [[ -x "${BIN_DIR}/${b}" ]] || return 1
     done
-    "${BIN_DIR}/etcd" --version 2>/dev/null | grep -q "^etcd Version: ${VERSION}\$"
+    # Read whole before matching: `etcd --version | grep -q` under pipefail fails at random when
+    # grep exits at the first line and etcd dies of SIGPIPE writing the next ones.
+    local version
+    version="$("${BIN_DIR}/etcd" --version 2>/dev/null)" || return 1
+    grep -q "^etcd Version: ${VERSION}\$" <<<"${version}"
 }
 
 if installed; then
