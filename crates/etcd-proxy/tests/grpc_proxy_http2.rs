@@ -330,3 +330,78 @@ async fn the_multi_thread_runtime_serves_calls_streams_and_large_values() {
     let got = client.get("mt-big", None).await.expect("big get");
     assert_eq!(got.kvs()[0].value().len(), big.len());
 }
+
+#[tokio::test]
+async fn clients_that_stop_reading_large_answers_do_not_stall_the_others() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(&cluster, &["--disable-range-cache"]);
+    let mut client = common::etcd_client(std::slice::from_ref(&addr)).await;
+    let big = "x".repeat(1200 << 10);
+    client
+        .put("big", big.as_str(), None)
+        .await
+        .expect("big put");
+    // 8 clients ask for the 1.2 MiB value and never read the answer (nor give window back):
+    // each leaves about 1 MiB waiting at the proxy on a member connection, 4 MiB or more per
+    // connection, what a whole connection's window holds.
+    let mut stuck = Vec::new();
+    for _ in 0..8 {
+        let mut raw = Raw::connect(&addr).await;
+        raw.open_call(1, "/etcdserverpb.KV/Range").await;
+        // RangeRequest { key: "big" }, framed.
+        raw.send(
+            DATA,
+            END_STREAM,
+            1,
+            &[0, 0, 0, 0, 5, 0x0a, 3, b'b', b'i', b'g'],
+        )
+        .await;
+        stuck.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everyone else is still served: reads of the same value, and writes.
+    for i in 0..4 {
+        let got = tokio::time::timeout(Duration::from_secs(10), client.get("big", None))
+            .await
+            .unwrap_or_else(|_| panic!("read {i} stalled behind the clients that stopped reading"))
+            .expect("get");
+        assert_eq!(got.kvs()[0].value().len(), big.len());
+        tokio::time::timeout(Duration::from_secs(10), client.put("small", "v", None))
+            .await
+            .expect("put in time")
+            .expect("put");
+    }
+    drop(stuck);
+}
+
+/// Polls the proxy's client watcher gauge until it is `want`, for up to 10 s; the last value seen.
+async fn watchers_become(addr: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = common::proxy_metric(addr, "etcd_grpc_proxy_watch_client_watchers");
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_connection_ends_its_calls() {
+    let cluster = Cluster::start(1).await;
+    let (_proxy, addr) = start_grpc_proxy(&cluster, &[]);
+    let mut raw = Raw::connect(&addr).await;
+    raw.open_call(1, "/etcdserverpb.Watch/Watch").await;
+    // WatchRequest { create_request: { key: "k" } }, framed; the request stream stays open.
+    raw.send(DATA, 0, 1, &[0, 0, 0, 0, 5, 0x0a, 3, 0x0a, 1, b'k'])
+        .await;
+    let created = raw
+        .until(Duration::from_secs(5), |f| f.kind == DATA && f.stream == 1)
+        .await;
+    assert!(created.is_some(), "the watch was created");
+    assert_eq!(watchers_become(&addr, 1.0).await, 1.0);
+    // The client goes away without a word (a process that exits): its watcher goes too, not at
+    // the next keep-alive timeout.
+    drop(raw);
+    assert_eq!(watchers_become(&addr, 0.0).await, 0.0);
+}

@@ -351,12 +351,18 @@ impl Role for Client {
             return Ok(());
         };
         let mut status = None;
-        let mut headers = HeaderMap::with_capacity(fields.len());
+        let mut headers = HeaderMap::new();
         let mut valid = true;
+        // RFC 9113's header list size, bounded as for requests.
+        let mut size = 0;
         for field in fields.drain(..) {
             match field {
                 Field::Header(name, value) => {
-                    headers.append(name, value);
+                    size += name.as_str().len() + value.len() + 32;
+                    valid &= size <= MAX_HEADER_LIST;
+                    if valid {
+                        headers.append(name, value);
+                    }
                 }
                 Field::OtherPseudo(name, value) if &name[..] == b":status" => {
                     status = StatusCode::from_bytes(&value).ok();

@@ -334,16 +334,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Core<I> {
         }
         let flow_len = head.len;
         strip_padding(&head, &mut payload)?;
+        let padding = flow_len - payload.len();
         let mut inner = self.shared.lock();
         let inner = &mut *inner;
-        let taken = match inner.streams.get_mut(&head.stream) {
+        // The connection's window is given back as data arrives (as grpc-go does): what waits
+        // unread is bounded by each stream's window, and a few streams nobody reads cannot
+        // stall every other stream of the connection.
+        inner.credit_connection(flow_len);
+        match inner.streams.get_mut(&head.stream) {
             Some(stream) if !stream.recv_closed && stream.reset.is_none() && !stream.dropped => {
                 if stream.recv_buffered + payload.len() > 2 * STREAM_WINDOW as usize {
                     // Past the window this side gave: the peer ignores flow control.
                     stream.reset = Some(StreamError::Reset(frame::FLOW_CONTROL_ERROR));
                     stream.wake();
                     frame::put_rst_stream(&mut inner.out, head.stream, frame::FLOW_CONTROL_ERROR);
-                    0
                 } else {
                     let len = payload.len();
                     if len > 0 {
@@ -356,13 +360,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Core<I> {
                     if let Some(waker) = stream.recv_task.take() {
                         waker.wake();
                     }
-                    len
+                    // Padding is never read: back to the stream's window at once.
+                    inner.credit_stream(head.stream, padding);
                 }
             }
-            // A stream closed or unknown: its bytes are given back to the connection at once.
-            _ => 0,
-        };
-        inner.release(0, flow_len - taken);
+            // A stream closed or unknown: nothing to read.
+            _ => {}
+        }
         Ok(())
     }
 
@@ -605,7 +609,7 @@ struct Inner {
     stream_waiters: Vec<Waker>,
     /// The next stream this side opens (client side).
     next_stream: u32,
-    /// Bytes the peer sent on the connection, read and not yet given back.
+    /// Bytes the peer sent on the connection and not yet given back.
     recv_unacked: usize,
     /// No new stream is opened: the peer sent GOAWAY (client side).
     going_away: bool,
@@ -658,21 +662,26 @@ impl Inner {
         }
     }
 
-    /// `n` bytes the peer sent on `stream` (0: only the connection) were read: given back in
-    /// WINDOW_UPDATEs once half a window has been.
-    fn release(&mut self, stream: u32, n: usize) {
-        if n == 0 {
-            return;
-        }
+    /// `n` bytes arrived on the connection: given back in a WINDOW_UPDATE once half the
+    /// connection's window has.
+    fn credit_connection(&mut self, n: usize) {
         self.recv_unacked += n;
         if self.recv_unacked >= CONNECTION_WINDOW as usize / 2 {
             frame::put_window_update(&mut self.out, 0, self.recv_unacked as u32);
             self.recv_unacked = 0;
             self.notify();
         }
+    }
+
+    /// `n` bytes the peer sent on `stream` were read: given back in a WINDOW_UPDATE once half
+    /// the stream's window has (none once the peer ended or reset the stream).
+    fn credit_stream(&mut self, stream: u32, n: usize) {
+        if n == 0 {
+            return;
+        }
         if let Some(s) = self.streams.get_mut(&stream) {
             s.recv_unacked += n;
-            if !s.recv_closed && s.recv_unacked >= STREAM_WINDOW as usize / 2 {
+            if !s.recv_closed && s.reset.is_none() && s.recv_unacked >= STREAM_WINDOW as usize / 2 {
                 frame::put_window_update(&mut self.out, stream, s.recv_unacked as u32);
                 s.recv_unacked = 0;
                 self.notify();
@@ -759,11 +768,10 @@ impl Inner {
                 frame::put_rst_stream(&mut self.out, id, peer_open);
             }
         }
-        self.release(0, stream.recv_buffered);
         if let Some(waker) = stream.recv_task {
             waker.wake();
         }
-        if let Some(waker) = self.stream_waiters.pop() {
+        for waker in self.stream_waiters.drain(..) {
             waker.wake();
         }
         self.notify();
@@ -887,7 +895,7 @@ impl Body for StreamBody {
         };
         if let Some(data) = stream.recv.pop_front() {
             stream.recv_buffered -= data.len();
-            inner.release(this.id, data.len());
+            inner.credit_stream(this.id, data.len());
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         // Whole before a reset: a peer that answered before reading all of a request ends
@@ -935,9 +943,8 @@ impl Drop for StreamBody {
             && let Some(stream) = inner.streams.get_mut(&self.id)
         {
             stream.dropped = true;
-            let unread = std::mem::take(&mut stream.recv_buffered);
+            stream.recv_buffered = 0;
             stream.recv.clear();
-            inner.release(0, unread);
         }
         if self.holds_ref {
             client::release_ref(inner, self.id);

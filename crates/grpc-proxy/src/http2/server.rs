@@ -174,8 +174,9 @@ where
             if flushed && idle && (core.eof || self.going_away || self.peer_going_away) {
                 return Poll::Ready(Ok(()));
             }
-            if core.eof && !flushed {
-                // The client stopped reading and writing: nobody waits for the rest.
+            if core.eof {
+                // The client closed the connection: its calls can no longer be answered, so they
+                // end (the connection's end resets their streams, and their member streams).
                 return Poll::Ready(Ok(()));
             }
             // Whatever a call writes while this task runs is written before it sleeps.
