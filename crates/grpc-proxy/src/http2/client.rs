@@ -340,9 +340,6 @@ impl Role for Client {
         flags: u8,
         fields: &mut Vec<Field>,
     ) -> Result<(), ConnError> {
-        if id.is_multiple_of(2) {
-            return Err(ConnError::protocol("push is not enabled"));
-        }
         let end = flags & frame::END_STREAM != 0;
         let mut inner = shared.lock();
         let inner = &mut *inner;

@@ -210,8 +210,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Core<I> {
         match head.kind {
             frame::DATA => self.on_data(head, payload),
             frame::HEADERS => {
-                if head.stream == 0 {
-                    return Err(ConnError::protocol("HEADERS on stream 0"));
+                // Only clients open streams (odd ids): push is never enabled.
+                if head.stream.is_multiple_of(2) {
+                    return Err(ConnError::protocol("HEADERS on an even stream"));
                 }
                 strip_padding(&head, &mut payload)?;
                 if head.has(frame::PRIORITY_FLAG) {

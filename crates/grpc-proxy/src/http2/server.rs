@@ -202,9 +202,6 @@ where
         flags: u8,
         fields: &mut Vec<Field>,
     ) -> Result<(), ConnError> {
-        if id.is_multiple_of(2) {
-            return Err(ConnError::protocol("a client opened an even stream"));
-        }
         let end = flags & frame::END_STREAM != 0;
         let mut guard = shared.lock();
         let inner = &mut *guard;
