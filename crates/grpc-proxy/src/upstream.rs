@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Config;
 use crate::dial::{Alpn, Dialer};
 use crate::http2::StreamError;
-use crate::http2::client::{self as h2client, Keepalive, SendHandle};
+use crate::http2::client::{self as http2_client, Keepalive, SendHandle};
 use crate::rewrite::RequestBody;
 
 /// The body of a member's response.
@@ -82,7 +82,7 @@ struct Slot {
     member: Arc<Member>,
     /// Which of the member's connections this is (for logs).
     connection: usize,
-    // Held only to clone or replace the sender (an Arc and a channel handle): never across await.
+    // Held only to clone or replace the sender (an Arc): never across await.
     sender: Mutex<Option<SendHandle>>,
 }
 
@@ -634,7 +634,7 @@ async fn maintain(
     }
 }
 
-type Connection = h2client::Connection<backend::tls::MemberStream>;
+type Connection = http2_client::Connection<backend::tls::MemberStream>;
 
 /// Why a connection to a member could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -653,7 +653,7 @@ async fn connect(
 ) -> Result<(SendHandle, Connection), ConnectError> {
     let dial = async {
         let stream = dialer.connect(endpoint, Alpn::H2).await?;
-        Ok::<_, ConnectError>(h2client::handshake(stream, keepalive))
+        Ok::<_, ConnectError>(http2_client::handshake(stream, keepalive))
     };
     tokio::time::timeout(dial_timeout, dial)
         .await
