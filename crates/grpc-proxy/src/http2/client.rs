@@ -299,8 +299,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
                 Poll::Pending => false,
             };
-            let shared = core.shared.clone();
-            let mut inner = shared.lock();
+            let mut inner = core.shared.lock();
             if core.eof {
                 return Poll::Ready(Ok(()));
             }

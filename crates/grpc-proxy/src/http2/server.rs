@@ -168,8 +168,7 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
                 Poll::Pending => false,
             };
-            let shared = core.shared.clone();
-            let mut inner = shared.lock();
+            let mut inner = core.shared.lock();
             let idle = inner.streams.is_empty() && self.calls.is_empty();
             if flushed && idle && (core.eof || self.going_away || self.peer_going_away) {
                 return Poll::Ready(Ok(()));
